@@ -1,0 +1,151 @@
+"""The ``pipeline`` command line. Thin: parses options and calls the stage functions.
+
+Errors a user can fix (:class:`pipeline.errors.PipelineError`) print as one line on stderr and
+exit non-zero; Ctrl-C exits 130 after the stage has saved what it had.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+
+def _default_run_name(suffix: str = "") -> str:
+    return f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}{suffix}"
+
+
+def _echo_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipeline")
+def cli():
+    """Offline-first datasets and end-to-end TD3 for driving RL.
+
+    \b
+    pipeline collect --episodes 200 --out runs/a.zarr       record a dataset (embedded simulator)
+    pipeline datasets info runs/a.zarr                       what is in it
+    pipeline routes                                          the routes you can drive
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--episodes", type=int, default=200, show_default=True, help="Episodes the store should hold.")
+@click.option("--out", default=None, help="Store path or fsspec URL [default: runs/<timestamp>.zarr].")
+@click.option("--route", default="racetrack", show_default=True, help="Route name (see `pipeline routes`).")
+@click.option("--policy", default="expert", show_default=True,
+              help="expert (scripted route follower), random, or a checkpoint .pt path.")
+@click.option("--noise", type=float, default=0.0, show_default=True, help="Gaussian action noise std.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Episode i is reset with seed+i.")
+@click.option("--traffic", type=int, default=None, help="Other vehicles (only the image shows them).")
+@click.option("--vector-fields", default=None,
+              help="Comma-separated vector fields, e.g. 'speed' [default: all 23].")
+@click.option("--max-steps", type=int, default=None, help="Step limit per episode [default: the route's].")
+@click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
+@click.option("--resume", is_flag=True, help="Continue an existing store up to --episodes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, max_steps, workers, scheduler,
+            resume, overwrite, quiet):
+    """Drive a policy and record raw dict transitions into a Zarr store.
+
+    \b
+    Examples:
+      pipeline collect --episodes 200 --out runs/a.zarr
+      pipeline collect --episodes 50 --policy expert --noise 0.1 --out runs/noisy.zarr
+      pipeline collect --episodes 200 --out runs/a.zarr --resume      # after Ctrl-C or a crash
+      pipeline collect --episodes 500 --workers 2 --out runs/big.zarr
+    """
+    from pipeline.datasets.collect import CollectConfig, collect as run_collect
+
+    if resume and overwrite:
+        raise PipelineError("--resume and --overwrite exclude each other")
+    config = CollectConfig(
+        out=out or _default_run_name(".zarr"), episodes=episodes, route=route, policy=policy, noise=noise,
+        seed=seed, traffic=traffic, vector_fields=vector_fields, max_steps=max_steps, workers=workers,
+        scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
+    )
+    summary = run_collect(config, progress=not quiet)
+    click.echo(
+        f"{summary['episodes_committed']}/{episodes} episodes in {config.out}: "
+        f"{summary['steps']} steps recorded at {summary['steps_per_s']:.0f} steps/s, "
+        f"mean return {summary['mean_return']:.2f}, "
+        f"mean route completion {summary['mean_route_completion']:.2f}, "
+        f"endings {summary['terminations']}"
+    )
+    if summary["interrupted"]:
+        click.echo("interrupted: committed episodes are kept; continue with --resume", err=True)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--backend", type=click.Choice(["embedded", "carla"]), default=None, help="Only this backend.")
+def routes(backend):
+    """List the named routes with backend and length.
+
+    \b
+    Example:
+      pipeline routes --backend embedded
+    """
+    from pipeline.envs import list_routes
+
+    for r in list_routes(backend):
+        click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.group()
+def datasets():
+    """Inspect and share dataset stores (paths or fsspec URLs)."""
+
+
+@datasets.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(path, as_json):
+    """Episodes, transitions, returns, routes, policy, spec and bytes of a store.
+
+    \b
+    Example:
+      pipeline datasets info runs/a.zarr
+    """
+    from pipeline.datasets.store import TransitionStore
+
+    summary = TransitionStore(path).summary()
+    if as_json:
+        _echo_json(summary)
+        return
+    from pipeline.datasets.report import print_summary
+
+    print_summary(path, summary)
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""``pipeline collect``: drive a policy and record whole episodes into a dataset store.
+
+The env loop never waits for storage: finished episodes go to a single writer thread (one writer
+per store), which appends them in order of completion. With ``workers`` / ``scheduler`` the
+episodes run on a dask cluster and come back to the same single writer at the driver.
+A store only ever shows whole, committed episodes, so Ctrl-C or a killed process loses at most the
+episodes in flight, and ``resume`` runs only the episode seeds that are not yet committed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import platform
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline.datasets.episode import Episode, EpisodeRecorder
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    out: str
+    episodes: int = 200
+    route: str = "racetrack"
+    policy: str = "expert"  # "expert" | "random" | path to a checkpoint
+    noise: float = 0.0
+    seed: int = 0
+    traffic: int | None = None
+    vector_fields: str | None = None
+    max_steps: int | None = None
+    workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
+    scheduler: str | None = None  # address of an existing dask scheduler
+    mode: str = "create"  # "create" | "append" (resume) | "overwrite"
+
+    def env_kwargs(self) -> dict:
+        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "max_steps": self.max_steps}
+
+
+def run_episode(config: CollectConfig, episode_seed: int, _cache: dict = {}) -> Episode:
+    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker;
+    the env and policy are built once per process and reused (the mutable default is that cache)."""
+    from pipeline.envs import make_env
+    from pipeline.policies import make_policy
+
+    key = (config.route, config.policy, config.noise, tuple(sorted(config.env_kwargs().items())))
+    if _cache.get("key") != key:
+        if "env" in _cache:
+            _cache["env"].close()
+        env = make_env(config.route, **config.env_kwargs())
+        _cache.update(key=key, env=env, policy=make_policy(config.policy, env, noise=config.noise))
+    env, policy = _cache["env"], _cache["policy"]
+    policy.reset(episode_seed)
+    obs, info = env.reset(seed=episode_seed)
+    recorder = EpisodeRecorder(route=config.route, seed=episode_seed)
+    recorder.start(obs)
+    while True:
+        action = policy.act(obs, info)
+        obs, reward, terminated, truncated, info = env.step(action)
+        recorder.add(action, reward, obs, terminated, truncated)
+        if terminated or truncated:
+            return recorder.finish(info["termination"], route_completion=float(info["route_completion"]))
+
+
+class _WriterThread(threading.Thread):
+    """Appends episodes from a queue to the store, so the env loop never blocks on I/O."""
+
+    def __init__(self, writer, on_commit: Callable[[Episode, int], None]):
+        super().__init__(name="episode-writer", daemon=True)
+        self.writer, self.on_commit = writer, on_commit
+        self.queue: queue.Queue[Episode | None] = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+
+    def run(self):
+        while (episode := self.queue.get()) is not None:
+            try:
+                committed = self.writer.append(episode)
+                self.on_commit(episode, committed)
+            except BaseException as exc:  # surfaced to the driver, which stops collecting
+                self.error = exc
+                return
+
+    def put(self, episode: Episode) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(episode)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _store_meta(config: CollectConfig, backend: str) -> dict:
+    return {
+        "backend": backend,
+        "policy": config.policy,
+        "noise": config.noise,
+        "seed": config.seed,
+        "route": config.route,
+        "recorded_by": getpass.getuser(),
+        "recorded_on": platform.node(),
+    }
+
+
+def _pending_seeds(config: CollectConfig, writer) -> list[int]:
+    wanted = [config.seed + i for i in range(config.episodes)]
+    done = set(int(s) for s in writer.committed_seeds())
+    return [s for s in wanted if s not in done]
+
+
+def _episodes_local(config: CollectConfig, seeds: list[int], stop: threading.Event):
+    for seed in seeds:
+        if stop.is_set():
+            return
+        yield run_episode(config, seed)
+
+
+def _episodes_dask(config: CollectConfig, seeds: list[int], stop: threading.Event):
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if config.scheduler:
+        client = Client(config.scheduler, timeout="10s")
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=50)
+        client = Client(cluster)
+    try:
+        futures = client.map(run_episode, [config] * len(seeds), seeds, pure=False)
+        for future in as_completed(futures):
+            if stop.is_set():
+                break
+            yield future.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def collect(config: CollectConfig, progress: bool = True) -> dict:
+    """Record ``config.episodes`` episodes into ``config.out``; returns a summary dict.
+
+    ``progress`` shows a rich progress bar (episodes, steps/s, mean return).
+    """
+    from pipeline.datasets.store import EpisodeWriter
+    from pipeline.envs import get_route, obs_spec_for
+    from pipeline.envs.spec import ActionSpec
+
+    if config.episodes <= 0:
+        raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
+    if config.workers < 0:
+        raise PipelineError(f"--workers must be >= 0, got {config.workers}")
+    route = get_route(config.route)
+    spec = obs_spec_for(route, config.vector_fields, config.traffic)
+    writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
+                           routes=[route.name], mode=config.mode)
+    seeds = _pending_seeds(config, writer)
+    stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
+    started = time.perf_counter()
+
+    with _progress_bar(progress, total=config.episodes, done=config.episodes - len(seeds)) as bar:
+
+        def on_commit(episode: Episode, committed: int) -> None:
+            stats["steps"] += episode.length
+            stats["returns"].append(episode.episode_return)
+            stats["completions"].append(float(episode.info.get("route_completion", 0.0)))
+            stats["terminations"][episode.termination] = stats["terminations"].get(episode.termination, 0) + 1
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(completed=config.episodes - len(seeds) + len(stats["returns"]),
+                       sps=stats["steps"] / elapsed, ret=float(np.mean(stats["returns"])))
+
+        writer_thread = _WriterThread(writer, on_commit)
+        writer_thread.start()
+        stop = threading.Event()
+        source = _episodes_dask if (config.workers or config.scheduler) else _episodes_local
+        interrupted = False
+        try:
+            for episode in source(config, seeds, stop):
+                writer_thread.put(episode)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+        finally:
+            # whole episodes already finished are still written: nothing recorded is dropped
+            writer_thread.finish()
+            writer.close()
+
+    elapsed = time.perf_counter() - started
+    return {
+        "out": config.out,
+        "interrupted": interrupted,
+        "episodes_recorded": len(stats["returns"]),
+        "episodes_committed": writer.committed_episodes,
+        "episodes_requested": config.episodes,
+        "steps": stats["steps"],
+        "steps_per_s": stats["steps"] / elapsed if elapsed > 0 else 0.0,
+        "mean_return": float(np.mean(stats["returns"])) if stats["returns"] else float("nan"),
+        "mean_route_completion": float(np.mean(stats["completions"])) if stats["completions"] else float("nan"),
+        "terminations": stats["terminations"],
+        "config": asdict(config),
+    }
+
+
+class _progress_bar:
+    """A rich progress bar for episodes with steps/s and mean return, or a no-op."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
+                TextColumn("{task.fields[sps]:7.0f} steps/s  mean return {task.fields[ret]:7.2f}"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("collect", total=self.total, completed=self.done,
+                                                 sps=0.0, ret=float("nan"))
+        return self
+
+    def update(self, **fields) -> None:
+        if self.enabled:
+            self._progress.update(self._task, **fields)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._progress.stop()
+        return False

@@ -1,0 +1,104 @@
+"""One recorded episode in the frame-deduplicated layout shared by the store and the replay ring.
+
+An episode of ``T`` steps with a frame stack of ``K`` (4) holds ``K - 1 + T + 1`` frames: the first
+observation's whole stack, then the newest frame of every following observation. Observation ``t``
+is ``frames[t : t + K]``; this works because our frame-stack wrapper guarantees
+``obs[t + 1].image[:-1] == obs[t].image[1:]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Episode:
+    """Arrays of one episode. Shapes for ``T`` steps, stack ``K``, vector size ``D``:
+
+    - ``frames``     uint8   ``(K - 1 + T + 1, H, W)``
+    - ``vector``     float32 ``(T + 1, D)``
+    - ``action``     float32 ``(T, 2)``
+    - ``reward``     float32 ``(T,)``
+    - ``terminated`` bool    ``(T,)``  (true only possibly at the last step)
+    - ``truncated``  bool    ``(T,)``
+    """
+
+    frames: np.ndarray
+    vector: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    route: str = ""
+    seed: int = -1
+    termination: str = ""
+    info: dict = field(default_factory=dict)  # JSON-able extras (e.g. route_completion)
+
+    @property
+    def length(self) -> int:
+        return int(len(self.action))
+
+    @property
+    def frame_stack(self) -> int:
+        return int(len(self.frames) - self.length)
+
+    @property
+    def episode_return(self) -> float:
+        return float(self.reward.sum(dtype=np.float64))
+
+    def observation(self, t: int) -> dict[str, np.ndarray]:
+        """The dict observation at step ``t`` (0..T), rebuilt from the deduplicated frames."""
+        k = self.frame_stack
+        return {"image": self.frames[t : t + k], "vector": self.vector[t]}
+
+
+class EpisodeRecorder:
+    """Accumulates env steps into an :class:`Episode` without copying whole stacks.
+
+    >>> rec = EpisodeRecorder(route="racetrack", seed=0)
+    >>> rec.start(obs)                                # obs from env.reset()
+    >>> rec.add(action, reward, next_obs, terminated, truncated)   # once per env.step()
+    >>> episode = rec.finish(termination="route_done")
+    """
+
+    def __init__(self, route: str = "", seed: int = -1):
+        self.route, self.seed = route, seed
+        self._frames: list[np.ndarray] = []
+        self._vector: list[np.ndarray] = []
+        self._action: list[np.ndarray] = []
+        self._reward: list[float] = []
+        self._terminated: list[bool] = []
+        self._truncated: list[bool] = []
+
+    def start(self, obs: dict) -> None:
+        self._frames = list(np.asarray(obs["image"], dtype=np.uint8))
+        self._vector = [np.asarray(obs["vector"], dtype=np.float32)]
+        self._action, self._reward, self._terminated, self._truncated = [], [], [], []
+
+    def add(self, action, reward: float, next_obs: dict, terminated: bool, truncated: bool) -> None:
+        self._frames.append(np.asarray(next_obs["image"][-1], dtype=np.uint8))
+        self._vector.append(np.asarray(next_obs["vector"], dtype=np.float32))
+        self._action.append(np.asarray(action, dtype=np.float32))
+        self._reward.append(float(reward))
+        self._terminated.append(bool(terminated))
+        self._truncated.append(bool(truncated))
+
+    @property
+    def length(self) -> int:
+        return len(self._action)
+
+    def finish(self, termination: str | None = None, **info) -> Episode:
+        return Episode(
+            frames=np.stack(self._frames),
+            vector=np.stack(self._vector),
+            action=np.stack(self._action).reshape(-1, 2) if self._action else np.zeros((0, 2), np.float32),
+            reward=np.asarray(self._reward, dtype=np.float32),
+            terminated=np.asarray(self._terminated, dtype=bool),
+            truncated=np.asarray(self._truncated, dtype=bool),
+            route=self.route,
+            seed=int(self.seed),
+            termination=termination or "",
+            info=info,
+        )

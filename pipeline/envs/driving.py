@@ -1,0 +1,175 @@
+"""Backend-independent driving logic: route geometry, the state vector, reward and termination.
+
+Both backends (embedded highway-env and CARLA) feed ego pose + events in and get the same vector,
+reward and termination out, so datasets and policies mean the same thing on either simulator.
+Coordinates are metres in the simulator's world frame; yaw in radians in that frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.envs.spec import N_WAYPOINTS, VECTOR_FIELDS
+
+WAYPOINT_SPACING_M = 4.0
+
+
+def wrap_angle(a: float) -> float:
+    return float((a + np.pi) % (2 * np.pi) - np.pi)
+
+
+def resample_polyline(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Points ``(M, 2)`` -> evenly spaced points ``(K, 2)`` along the same polyline."""
+    points = np.asarray(points, dtype=np.float64)
+    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    s = np.arange(0.0, cum[-1], spacing)
+    if cum[-1] - s[-1] > 1e-6:
+        s = np.append(s, cum[-1])
+    return np.stack([np.interp(s, cum, points[:, 0]), np.interp(s, cum, points[:, 1])], axis=1)
+
+
+@dataclass
+class RouteState:
+    progress_m: float  # distance driven along the route from its start
+    lateral: float  # signed distance from the route centre line, + = left of travel direction
+    route_heading: float  # direction of the route at the projection point
+    completion: float  # progress / route length, clipped to [0, 1]
+
+
+class RouteTracker:
+    """Tracks an ego vehicle's progress along a route polyline.
+
+    ``points`` is an ``(M, 2)`` array of route centre-line points from start to goal. A closed route
+    (one lap of a loop) passes ``closed=True``: the polyline is then the lap followed by a second
+    copy, so lookahead waypoints continue across the finish line. Projection searches a window
+    around the last match so a loop's start and end, or crossing roads, never make progress jump.
+    """
+
+    def __init__(self, points: np.ndarray, closed: bool = False, spacing: float = 1.0,
+                 search_window_m: float = 30.0):
+        pts = resample_polyline(points, spacing)
+        if closed:
+            pts = np.concatenate([pts, pts[1:]], axis=0)
+        self.points = pts
+        seg = np.diff(pts, axis=0)
+        self._seg = seg
+        self._seg_len = np.maximum(np.linalg.norm(seg, axis=1), 1e-9)
+        self._cum = np.concatenate([[0.0], np.cumsum(self._seg_len)])
+        total = float(self._cum[-1])
+        self.length = total / 2 if closed else total
+        self._window = max(2, int(search_window_m / spacing))
+        self._index = 0
+
+    def _project(self, position: np.ndarray, lo: int, hi: int) -> tuple[int, float, float, float]:
+        a = self.points[lo:hi]
+        d = self._seg[lo:hi]
+        rel = position[None, :] - a
+        t = np.clip((rel * d).sum(1) / self._seg_len[lo:hi] ** 2, 0.0, 1.0)
+        closest = a + t[:, None] * d
+        dist = np.linalg.norm(position[None, :] - closest, axis=1)
+        k = int(np.argmin(dist))
+        cross = d[k, 0] * rel[k, 1] - d[k, 1] * rel[k, 0]
+        lateral = float(np.sign(cross) * dist[k]) if cross != 0 else 0.0
+        return lo + k, float(t[k]), lateral, float(np.arctan2(d[k, 1], d[k, 0]))
+
+    def reset(self, position) -> RouteState:
+        """Start tracking at the route's beginning (searches the first window only)."""
+        self._index = 0
+        return self.update(position)
+
+    def update(self, position) -> RouteState:
+        position = np.asarray(position, dtype=np.float64)
+        lo = max(0, self._index - self._window)
+        hi = min(len(self._seg), self._index + self._window)
+        i, t, lateral, heading = self._project(position, lo, hi)
+        self._index = i
+        progress = float(self._cum[i] + t * self._seg_len[i])
+        completion = float(np.clip(progress / self.length, 0.0, 1.0)) if self.length > 0 else 1.0
+        return RouteState(progress, lateral, heading, completion)
+
+    def point_at(self, s: np.ndarray) -> np.ndarray:
+        """Route points at arc lengths ``s`` (clamped to the polyline), ``(len(s), 2)``."""
+        s = np.clip(s, 0.0, self._cum[-1])
+        return np.stack(
+            [np.interp(s, self._cum, self.points[:, 0]), np.interp(s, self._cum, self.points[:, 1])],
+            axis=1,
+        )
+
+    def waypoints_ego(self, position, yaw: float, progress_m: float,
+                      n: int = N_WAYPOINTS, spacing: float = WAYPOINT_SPACING_M) -> np.ndarray:
+        """The next ``n`` route points ahead of ``progress_m``, in the ego frame (x fwd, y left), ``(n, 2)``."""
+        world = self.point_at(progress_m + spacing * np.arange(1, n + 1))
+        rel = world - np.asarray(position, dtype=np.float64)[None, :]
+        c, s = np.cos(yaw), np.sin(yaw)
+        return np.stack([c * rel[:, 0] + s * rel[:, 1], -s * rel[:, 0] + c * rel[:, 1]], axis=1)
+
+
+def driving_vector(speed: float, state: RouteState, yaw: float, waypoints_ego: np.ndarray) -> np.ndarray:
+    """The full state vector in :data:`VECTOR_FIELDS` order, float32 ``(23,)``."""
+    v = np.empty(len(VECTOR_FIELDS), dtype=np.float32)
+    v[0] = speed
+    v[1] = state.lateral
+    v[2] = wrap_angle(yaw - state.route_heading)
+    v[3:] = waypoints_ego.reshape(-1)
+    return v
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Per-step reward = progress_weight * metres gained along the route
+    - lateral_weight * (lateral offset / lane half width)^2, minus a one-off penalty on a collision
+    or on leaving the route. Roughly +0.2 per step at 10 m/s on the centre line."""
+
+    progress_weight: float = 0.1
+    lateral_weight: float = 0.05
+    lane_half_width: float = 2.5
+    collision_penalty: float = 10.0
+    off_route_penalty: float = 5.0
+
+
+def driving_reward(progress_delta_m: float, lateral: float, collision: bool, off_route: bool,
+                   cfg: RewardConfig = RewardConfig()) -> float:
+    r = cfg.progress_weight * progress_delta_m
+    r -= cfg.lateral_weight * min((lateral / cfg.lane_half_width) ** 2, 4.0)
+    if collision:
+        r -= cfg.collision_penalty
+    if off_route:
+        r -= cfg.off_route_penalty
+    return float(r)
+
+
+class TerminationRule:
+    """Decides when an episode ends and why (one of ``TERMINATIONS``).
+
+    ``route_done``, ``collision`` and ``off_route`` terminate (no bootstrap); ``stuck`` (slower than
+    ``stuck_speed`` for ``stuck_steps`` in a row, as the leaderboard's "agent blocked") and
+    ``timeout`` (``max_steps``) truncate, because the state itself is not terminal.
+    """
+
+    def __init__(self, max_steps: int, stuck_steps: int = 50, stuck_speed: float = 0.1):
+        self.max_steps, self.stuck_steps, self.stuck_speed = max_steps, stuck_steps, stuck_speed
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._slow = 0
+
+    def __call__(self, completion: float, collision: bool, off_route: bool,
+                 speed: float) -> tuple[bool, bool, str | None]:
+        """Returns ``(terminated, truncated, reason)`` after one step."""
+        self.steps += 1
+        self._slow = self._slow + 1 if abs(speed) < self.stuck_speed else 0
+        if collision:
+            return True, False, "collision"
+        if off_route:
+            return True, False, "off_route"
+        if completion >= 1.0:
+            return True, False, "route_done"
+        if self._slow >= self.stuck_steps:
+            return False, True, "stuck"
+        if self.steps >= self.max_steps:
+            return False, True, "timeout"
+        return False, False, None
