@@ -36,6 +36,18 @@ def cli():
     """
 
 
+def carla_options(command):
+    """``--carla-host/--carla-port`` for every command that may drive CARLA (ignored by embedded routes)."""
+    command = click.option("--carla-port", type=int, default=None, envvar="CARLA_PORT",
+                           help="CARLA server port [env CARLA_PORT, default 2000].")(command)
+    return click.option("--carla-host", default=None, envvar="CARLA_HOST",
+                        help="CARLA server host [env CARLA_HOST, default localhost].")(command)
+
+
+def _carla_kwargs(host, port) -> dict:
+    return {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--episodes", type=int, default=200, show_default=True, help="Episodes the store should hold.")
@@ -54,8 +66,9 @@ def cli():
 @click.option("--resume", is_flag=True, help="Continue an existing store up to --episodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@carla_options
 def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, max_steps, workers, scheduler,
-            resume, overwrite, quiet):
+            resume, overwrite, quiet, carla_host, carla_port):
     """Drive a policy and record raw dict transitions into a Zarr store.
 
     \b
@@ -73,6 +86,7 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
         out=out or _default_run_name(".zarr"), episodes=episodes, route=route, policy=policy, noise=noise,
         seed=seed, traffic=traffic, vector_fields=vector_fields, max_steps=max_steps, workers=workers,
         scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
+        simulator=_carla_kwargs(carla_host, carla_port),
     )
     summary = run_collect(config, progress=not quiet)
     click.echo(

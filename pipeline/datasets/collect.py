@@ -14,7 +14,7 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -37,9 +37,14 @@ class CollectConfig:
     workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
     mode: str = "create"  # "create" | "append" (resume) | "overwrite"
+    simulator: dict = field(default_factory=dict)  # backend options, e.g. CARLA host/port
 
     def env_kwargs(self) -> dict:
-        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "max_steps": self.max_steps}
+        from pipeline.envs import get_route
+
+        simulator = self.simulator if get_route(self.route).backend == "carla" else {}
+        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "max_steps": self.max_steps,
+                **simulator}
 
 
 def run_episode(config: CollectConfig, episode_seed: int, _cache: dict = {}) -> Episode:
@@ -48,7 +53,7 @@ def run_episode(config: CollectConfig, episode_seed: int, _cache: dict = {}) -> 
     from pipeline.envs import make_env
     from pipeline.policies import make_policy
 
-    key = (config.route, config.policy, config.noise, tuple(sorted(config.env_kwargs().items())))
+    key = (config.route, config.policy, config.noise, repr(sorted(config.env_kwargs().items())))
     if _cache.get("key") != key:
         if "env" in _cache:
             _cache["env"].close()
