@@ -21,7 +21,10 @@ import highway_env  # noqa: E402,F401  (registers the racetrack envs)
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 from gymnasium.envs.registration import load_env_creator  # noqa: E402
+import pygame  # noqa: E402
+from highway_env.road.graphics import RoadGraphics, WorldSurface  # noqa: E402
 from highway_env.vehicle.behavior import IDMVehicle  # noqa: E402
+from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 
 from pipeline.envs.driving import (  # noqa: E402
     RewardConfig,
@@ -41,15 +44,59 @@ STEP_SECONDS = 0.2  # policy frequency 5 Hz
 OFF_ROUTE_M = 7.5  # beyond the adjacent lane
 
 
+GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])
+
+
+class TopDownCamera:
+    """An ego-centred top-down grayscale camera that draws the track once.
+
+    highway-env's own image observation redraws every lane stripe of the whole track each frame,
+    which is most of a step's time. The track never changes, so we draw it once onto a large
+    surface and per frame only blit the window around the ego car and draw the vehicles. Frames
+    look like highway-env's ``GrayscaleObservation`` (same colours, scale and centring) but are
+    in image orientation (rows = world y).
+    """
+
+    def __init__(self, road, size: int, pixels_per_m: float = CAMERA_PIXELS_PER_M):
+        corners = []
+        for lanes in (to for frm in road.network.graph.values() for to in frm.values()):
+            for lane in lanes:
+                for s in np.linspace(0.0, lane.length, 64):
+                    for lat in (-lane.width_at(s), lane.width_at(s)):
+                        corners.append(lane.position(s, lat))
+        corners = np.asarray(corners)
+        margin = size / pixels_per_m
+        lo, hi = corners.min(0) - margin, corners.max(0) + margin
+        width, height = (np.ceil((hi - lo) * pixels_per_m) + 1).astype(int)
+        self.track = WorldSurface((int(width), int(height)), 0, pygame.Surface((int(width), int(height))))
+        self.track.scaling, self.track.origin = pixels_per_m, lo
+        RoadGraphics.display(road, self.track)
+        self.view = WorldSurface((size, size), 0, pygame.Surface((size, size)))
+        self.view.scaling = pixels_per_m
+
+    def render(self, road, ego) -> np.ndarray:
+        """uint8 ``(size, size)`` grayscale frame centred on ``ego``."""
+        view = self.view
+        view.move_display_window_to(ego.position)
+        view.fill(view.GREY)
+        dx, dy = self.track.pos2pix(*view.origin)
+        view.blit(self.track, (-dx, -dy))
+        for vehicle in road.vehicles:
+            VehicleGraphics.display(vehicle, view, offscreen=True)
+        rgb = pygame.surfarray.pixels3d(view)  # (x, y, 3) view, no copy
+        gray = np.tensordot(rgb, GRAY_WEIGHTS, axes=([2], [0])).clip(0, 255).astype(np.uint8)
+        del rgb  # release the surface lock
+        return np.ascontiguousarray(gray.T)
+
+
+def _no_sim_observation():
+    return None
+
+
 def _highway_config(image_size: int) -> dict:
     return {
-        "observation": {
-            "type": "GrayscaleObservation",
-            "observation_shape": (image_size, image_size),
-            "stack_size": 1,
-            "weights": [0.2989, 0.5870, 0.1140],
-            "scaling": CAMERA_PIXELS_PER_M,
-        },
+        # the observation highway-env computes is discarded (see TopDownCamera): ask for a small one
+        "observation": {"type": "Kinematics", "vehicles_count": 1, "features": ["x"]},
         "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
         "other_vehicles": 0,  # we place traffic ourselves: highway-env spawns a random count
         "offscreen_rendering": True,
@@ -90,6 +137,7 @@ class EmbeddedDrivingEnv(gym.Env):
         self.action_space = self.action_spec.action_space()
         self._termination = TerminationRule(max_steps or route.max_steps)
         self._frame = np.zeros((obs_spec.image_size,) * 2, np.uint8)
+        self._camera: TopDownCamera | None = None  # built at the first reset, from the track
         self._vector_index = obs_spec.vector_index
 
     # -- helpers ---------------------------------------------------------------------------
@@ -154,11 +202,13 @@ class EmbeddedDrivingEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         sim_seed = None if seed is None else int(seed)
-        obs, _ = self._sim.reset(seed=sim_seed)
+        self._sim.reset(seed=sim_seed)
+        # the sim's own observation is never used: skip computing it on every step
+        self._sim.observation_type.observe = _no_sim_observation
         self._spawn_traffic(self.obs_spec.traffic)
-        if self.obs_spec.traffic:  # re-render so the first frame shows the traffic just placed
-            obs = self._sim.observation_type.observe()
-        self._frame = np.ascontiguousarray(obs[0])
+        if self._camera is None:
+            self._camera = TopDownCamera(self._sim.road, self.obs_spec.image_size)
+        self._frame = self._camera.render(self._sim.road, self._ego)
         self._tracker = RouteTracker(self._lap_polyline(), closed=True)
         self._termination.reset()
         state = self._tracker.reset(self._ego.position)
@@ -169,8 +219,8 @@ class EmbeddedDrivingEnv(gym.Env):
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float32).reshape(2), -1.0, 1.0)
         # highway-env's ContinuousAction takes [acceleration, steering]
-        sim_obs, _, _, _, _ = self._sim.step(np.array([action[1], action[0]], dtype=np.float32))
-        self._frame = np.ascontiguousarray(sim_obs[0])
+        self._sim.step(np.array([action[1], action[0]], dtype=np.float32))
+        self._frame = self._camera.render(self._sim.road, self._ego)
         state = self._tracker.update(self._ego.position)
         collision = bool(self._ego.crashed)
         off_route = (not self._ego.on_road) or abs(state.lateral) > OFF_ROUTE_M
