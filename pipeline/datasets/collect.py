@@ -115,8 +115,13 @@ def _store_meta(config: CollectConfig, backend: str) -> dict:
 
 
 def _pending_seeds(config: CollectConfig, writer) -> list[int]:
+    """Seeds of the requested episodes that the store does not hold yet (all of them when new)."""
+    from pipeline.datasets.store import TransitionStore
+
     wanted = [config.seed + i for i in range(config.episodes)]
-    done = set(int(s) for s in writer.committed_seeds())
+    if writer.committed_episodes == 0:
+        return wanted
+    done = set(TransitionStore(config.out).episodes["seed"].tolist())
     return [s for s in wanted if s not in done]
 
 
@@ -165,7 +170,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     route = get_route(config.route)
     spec = obs_spec_for(route, config.vector_fields, config.traffic)
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
-                           routes=[route.name], mode=config.mode)
+                           mode=config.mode)
     seeds = _pending_seeds(config, writer)
     stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
     started = time.perf_counter()

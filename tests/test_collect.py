@@ -1,0 +1,139 @@
+"""`pipeline collect` and `pipeline datasets info` end to end on the embedded backend."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.datasets.store import TransitionStore
+from pipeline.envs import make_env
+from pipeline.envs.policies import make_scripted_policy
+from tests.cli_helpers import assert_one_line_error, cli_env, pipeline_cmd, run_cli
+
+
+def test_collect_records_exactly_what_the_env_produced(tmp_path):
+    out = tmp_path / "a.zarr"
+    result = run_cli("collect", "--episodes", 2, "--out", out, "--noise", 0.1, "--seed", 5, "--max-steps", 60,
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    store = TransitionStore(str(out))
+    assert store.num_episodes == 2
+    env = make_env("racetrack", max_steps=60)
+    policy = make_scripted_policy("expert", env, noise=0.1)
+    for i, seed in enumerate((5, 6)):
+        episode = store.episode(i)
+        assert episode.seed == seed
+        policy.reset(seed)
+        obs, info = env.reset(seed=seed)
+        steps = [obs]
+        while True:
+            action = policy.act(obs, info)
+            obs, reward, terminated, truncated, info = env.step(action)
+            steps.append(obs)
+            if terminated or truncated:
+                break
+        assert episode.length == len(steps) - 1
+        assert len(episode.frames) == 3 + episode.length + 1
+        for t, expected in enumerate(steps):
+            got = episode.observation(t)
+            np.testing.assert_array_equal(got["image"], expected["image"])
+            np.testing.assert_array_equal(got["vector"], expected["vector"])
+
+
+def test_datasets_info_reports_the_store(tmp_path):
+    out = tmp_path / "b.zarr"
+    assert run_cli("collect", "--episodes", 2, "--out", out, "--max-steps", 30, "--quiet").returncode == 0
+    result = run_cli("datasets", "info", out, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["episodes"] == 2 and summary["transitions"] == 60
+    assert summary["routes"] == {"racetrack": 2} and summary["policy"] == "expert"
+    assert 0 < summary["bytes_per_transition"] < 56448 / 8
+    table = run_cli("datasets", "info", out)
+    assert table.returncode == 0 and "bytes per transition" in table.stdout
+
+
+def test_sigkill_leaves_whole_episodes_and_resume_completes(tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = ("collect", "--episodes", 12, "--out", out, "--policy", "random", "--max-steps", 40, "--quiet")
+    proc = subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            committed = zarr.open_group(str(out), mode="r").attrs.get("committed_episodes", 0)
+        except Exception:
+            committed = 0
+        if committed >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "collect finished before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = TransitionStore(str(out))
+    assert 2 <= store.num_episodes < 12
+    for i in range(store.num_episodes):  # every visible episode is whole and reconstructs
+        episode = store.episode(i)
+        assert len(episode.frames) == 3 + episode.length + 1
+        assert len(episode.vector) == episode.length + 1
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr
+    resumed = TransitionStore(str(out))
+    assert resumed.num_episodes == 12
+    assert sorted(int(s) for s in resumed.episodes["seed"]) == list(range(12))
+
+
+def test_dask_workers_commit_the_same_episodes(tmp_path):
+    single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
+    common = ("--episodes", 4, "--policy", "random", "--max-steps", 30, "--quiet")
+    assert run_cli("collect", "--out", single, *common).returncode == 0
+    result = run_cli("collect", "--out", multi, "--workers", 2, *common)
+    assert result.returncode == 0, result.stderr
+    a, b = TransitionStore(str(single)), TransitionStore(str(multi))
+    assert a.num_episodes == b.num_episodes == 4
+    returns_a = dict(zip(a.episodes["seed"].tolist(), a.episodes["return"].tolist()))
+    returns_b = dict(zip(b.episodes["seed"].tolist(), b.episodes["return"].tolist()))
+    assert returns_a == pytest.approx(returns_b)
+
+
+@pytest.mark.parametrize("episodes", ["0", "-3"])
+def test_non_positive_episode_count_is_refused(tmp_path, episodes):
+    assert_one_line_error(run_cli("collect", "--episodes", episodes, "--out", tmp_path / "x.zarr"), "--episodes")
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_unknown_route_lists_known_routes(tmp_path):
+    assert_one_line_error(run_cli("collect", "--route", "moon", "--out", tmp_path / "x.zarr"), "moon", "racetrack-oval")
+
+
+def test_existing_out_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "c.zarr"
+    assert run_cli("collect", "--episodes", 1, "--out", out, "--max-steps", 10, "--quiet").returncode == 0
+    assert_one_line_error(run_cli("collect", "--episodes", 1, "--out", out, "--quiet"), "--resume", "--overwrite")
+    assert TransitionStore(str(out)).num_episodes == 1  # untouched
+    assert run_cli("collect", "--episodes", 1, "--out", out, "--max-steps", 12, "--overwrite",
+                   "--quiet").returncode == 0
+    assert TransitionStore(str(out)).num_transitions == 12
+
+
+def test_unwritable_output_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert_one_line_error(run_cli("collect", "--episodes", 1, "--out", blocker / "x.zarr", "--quiet"))
+
+
+def test_not_a_store_and_wrong_version(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    assert_one_line_error(run_cli("datasets", "info", plain), str(plain))
+    assert_one_line_error(run_cli("datasets", "info", tmp_path / "missing.zarr"), "missing.zarr")
+    out = tmp_path / "v.zarr"
+    assert run_cli("collect", "--episodes", 1, "--out", out, "--max-steps", 5, "--quiet").returncode == 0
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["format_version"] = 99
+    assert_one_line_error(run_cli("datasets", "info", out), "version")
