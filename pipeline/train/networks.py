@@ -1,0 +1,133 @@
+"""The learner's networks, DrQ-v2 style: a pixel+vector encoder, a tanh actor, twin critics.
+
+Every module takes plain tensors; :mod:`pipeline.train.td3` decides when gradients flow. The encoder
+is deliberately separate from actor and critic so the TD3 losses can (or, for the ``frozen``
+ablation, cannot) train it.
+
+Shapes: ``B`` batch, ``D`` vector dim of the obs spec, ``F = features_dim + D`` encoder output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.envs.spec import ObsSpec
+from pipeline.errors import SpecMismatchError
+
+
+def _orthogonal_init(module: nn.Module) -> None:
+    """DrQ-v2's initialisation: orthogonal weights (ReLU gain for convs), zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.orthogonal_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.orthogonal_(module.weight, nn.init.calculate_gain("relu"))
+        nn.init.zeros_(module.bias)
+
+
+def _vector_stat(value, default: float, dim: int, name: str) -> torch.Tensor:
+    if value is None:
+        return torch.full((dim,), default, dtype=torch.float32)
+    t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    if t.shape != (dim,):
+        raise SpecMismatchError(f"{name} has shape {tuple(t.shape)}, the obs spec needs ({dim},)")
+    return t.clone()
+
+
+class Encoder(nn.Module):
+    """Nature-CNN trunk on the image plus the normalised driving-state vector.
+
+    ``forward(obs)`` takes ``{"image": uint8 or float (B, C, H, W) in [0, 255],
+    "vector": float32 (B, D)}`` and returns float ``(B, out_dim)`` with
+    ``out_dim = features_dim + D``: ReLU CNN features, then ``(vector - mean) / std``.
+
+    ``vector_mean`` / ``vector_std`` (array-like ``(D,)``, e.g. dataset statistics) are buffers, so
+    they travel with ``state_dict``; near-zero stds become 1 so constant fields stay finite.
+    """
+
+    def __init__(self, obs_spec: ObsSpec, features_dim: int = 512, vector_mean=None, vector_std=None):
+        super().__init__()
+        channels, size, _ = obs_spec.image_shape
+        self.cnn = nn.Sequential(
+            nn.Conv2d(channels, 32, kernel_size=8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n_flat = self.cnn(torch.zeros(1, channels, size, size)).shape[1]  # 3136 at 84x84
+        self.head = nn.Sequential(nn.Linear(n_flat, features_dim), nn.ReLU())
+        self.apply(_orthogonal_init)
+
+        dim = obs_spec.vector_dim
+        std = _vector_stat(vector_std, 1.0, dim, "vector_std")
+        self.register_buffer("vector_mean", _vector_stat(vector_mean, 0.0, dim, "vector_mean"))
+        self.register_buffer("vector_std", torch.where(std < 1e-6, torch.ones_like(std), std))
+        self.out_dim = features_dim + dim
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        image = obs["image"].float() / 255.0  # keeps channels_last if the caller chose it
+        pixels = self.head(self.cnn(image))
+        vector = (obs["vector"].float() - self.vector_mean) / self.vector_std
+        return torch.cat([pixels, vector.to(pixels.dtype)], dim=1)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class Actor(nn.Module):
+    """Deterministic policy: features float ``(B, feature_dim)`` -> action float ``(B, action_dim)``
+    in [-1, 1] (tanh)."""
+
+    def __init__(self, feature_dim: int, action_dim: int = 2, hidden: int = 256):
+        super().__init__()
+        self.net = _mlp(feature_dim, hidden, action_dim)
+        self.apply(_orthogonal_init)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(features))
+
+
+class Critic(nn.Module):
+    """Twin Q heads (TD3's clipped double-Q): ``forward(features (B, F), action (B, A))`` returns
+    ``(q1, q2)``, each float ``(B,)``; :meth:`q1` returns only the first (the actor's objective)."""
+
+    def __init__(self, feature_dim: int, action_dim: int = 2, hidden: int = 256):
+        super().__init__()
+        self.head1 = _mlp(feature_dim + action_dim, hidden, 1)
+        self.head2 = _mlp(feature_dim + action_dim, hidden, 1)
+        self.apply(_orthogonal_init)
+
+    def forward(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([features, action.to(features.dtype)], dim=1)
+        return self.head1(x).squeeze(1), self.head2(x).squeeze(1)
+
+    def q1(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.head1(torch.cat([features, action.to(features.dtype)], dim=1)).squeeze(1)
+
+
+def random_shift(image: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DrQ's random-shift augmentation: replicate-pad by ``pad`` pixels, crop back at a random
+    integer offset, one offset per sample (shared by its stacked frames).
+
+    ``image``: any dtype ``(B, C, H, W)``; returns the same dtype and shape. Implemented as two
+    gathers (rows, then columns) with clamped indices, which is exactly replicate padding + crop,
+    so uint8 batches are shifted before the float conversion (4x less memory traffic than shifting
+    floats) and ``pad=0`` is the identity. ``generator`` (on ``image.device``) makes the shifts
+    reproducible.
+    """
+    if pad == 0:
+        return image
+    b, c, h, w = image.shape
+    shift = torch.randint(0, 2 * pad + 1, (b, 2), device=image.device, generator=generator) - pad
+    rows = (torch.arange(h, device=image.device) + shift[:, :1]).clamp_(0, h - 1)  # (B, H)
+    cols = (torch.arange(w, device=image.device) + shift[:, 1:]).clamp_(0, w - 1)  # (B, W)
+    image = image.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    return image.gather(3, cols[:, None, None, :].expand(b, c, h, w))

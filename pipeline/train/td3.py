@@ -1,0 +1,429 @@
+"""End-to-end TD3 on dict observations: the CNN is trained by the TD3 losses.
+
+The seed document's fix, in one sentence: observations are stored raw, and the encoder runs *with
+gradients* inside the update (:meth:`TD3Agent.extract_features` with ``enable_grad=True``), so the
+critic loss (and, optionally, the actor loss) reaches the CNN weights. ``select_action`` runs the
+same encoder under ``torch.no_grad()``.
+
+One update, read top to bottom in :meth:`TD3Agent.update`:
+
+1. random-shift the image of ``obs`` and ``next_obs`` (DrQ), move the batch to the device;
+2. critic: ``y = r + discount * (1 - done) * min Q_targ(s', pi_targ(s') + clipped noise)``, where
+   the target side uses the target encoder; MSE of both Q heads to ``y`` trains critic + encoder;
+3. every ``policy_delay`` updates: actor loss ``-Q1(s, pi(s))`` (plus TD3+BC's behaviour-cloning
+   term on offline rows when ``bc_alpha > 0``), then Polyak-average all three target networks.
+
+Encoder modes (``TD3Config.encoder_update``):
+- ``"critic"`` (default, DrQ-v2): the critic loss trains the encoder; the actor reads detached
+  features.
+- ``"actor+critic"``: the actor loss also backpropagates into the encoder (the seed's variant).
+- ``"frozen"``: the encoder never receives gradients and never changes; features are computed under
+  ``no_grad``. This is the seed's broken baseline, kept for the ablation.
+
+Batch contract (what ``DictReplayBuffer.sample(B)`` returns, a mapping or an object with these
+attributes; tensors on any device):
+    obs       {"image": uint8 (B, C, H, W), "vector": float32 (B, D)}
+    action    float32 (B, A) in [-1, 1]
+    reward    float32 (B,)   n-step discounted sum
+    next_obs  like obs, the n-th next observation
+    done      float32 (B,)   1.0 when the episode terminated within the n steps (truncation bootstraps)
+    discount  float32 (B,)   gamma ** n_actual, the bootstrap factor
+    offline   bool (B,)      rows from the offline dataset (optional; TD3+BC applies only to these)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.envs.spec import ActionSpec, ObsSpec
+from pipeline.errors import PipelineError, SpecMismatchError
+from pipeline.train.networks import Actor, Critic, Encoder, random_shift
+
+ENCODER_UPDATES = ("critic", "actor+critic", "frozen")
+CHECKPOINT_FORMAT = "pipeline.td3"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TD3Config:
+    """Every learner hyperparameter. Gamma is not here: the batch carries ``discount`` per row."""
+
+    tau: float = 0.005
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    encoder_lr: float = 3e-4
+    policy_noise: float = 0.2  # target policy smoothing std
+    noise_clip: float = 0.5
+    policy_delay: int = 2  # critic updates per actor (and target) update
+    encoder_update: str = "critic"  # one of ENCODER_UPDATES
+    augment: bool = True  # DrQ random shift on obs and next_obs
+    augment_pad: int = 4
+    bc_alpha: float = 0.0  # TD3+BC alpha; 0 turns BC off (TD3+BC paper uses 2.5)
+    features_dim: int = 512
+    hidden: int = 256
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda if available, else cpu
+    amp: bool = True  # bf16 autocast; CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the modules
+
+    def __post_init__(self):
+        if self.encoder_update not in ENCODER_UPDATES:
+            raise PipelineError(
+                f"unknown encoder update {self.encoder_update!r}; choose one of {', '.join(ENCODER_UPDATES)}"
+            )
+        if self.policy_delay < 1 or not 0.0 < self.tau <= 1.0 or self.bc_alpha < 0:
+            raise PipelineError(
+                f"bad TD3 settings: policy_delay={self.policy_delay} (>= 1), tau={self.tau} (0, 1], "
+                f"bc_alpha={self.bc_alpha} (>= 0)"
+            )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _field(batch, name: str, default=None):
+    if isinstance(batch, Mapping):
+        return batch.get(name, default)
+    return getattr(batch, name, default)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients as a 0-d tensor (0 when none exist, e.g. a frozen encoder)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
+
+
+class TD3Agent:
+    """TD3 with a trainable pixel encoder. See the module docstring for the update and the modes.
+
+    Attributes: ``encoder``, ``actor``, ``critic`` and their Polyak targets ``encoder_target``,
+    ``actor_target``, ``critic_target``; one Adam optimiser each for actor, critic and encoder;
+    ``num_updates`` (calls to :meth:`update`).
+    """
+
+    def __init__(
+        self,
+        obs_spec: ObsSpec,
+        action_spec: ActionSpec | None = None,
+        config: TD3Config | None = None,
+        vector_mean=None,
+        vector_std=None,
+    ):
+        self.obs_spec = obs_spec
+        self.action_spec = action_spec or ActionSpec()
+        self.config = cfg = config or TD3Config()
+        self.device = resolve_device(cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self._amp = cfg.amp and on_cuda
+        self._channels_last = cfg.channels_last and on_cuda
+
+        # Same seed -> same initial weights, without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std)
+            self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
+            self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
+        self.encoder_target = copy.deepcopy(self.encoder)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic_target = copy.deepcopy(self.critic)
+        memory_format = torch.channels_last if self._channels_last else torch.preserve_format
+        for net in self._online() + self._targets():
+            net.to(self.device, memory_format=memory_format)
+        for net in self._targets():
+            net.requires_grad_(False)
+        if cfg.encoder_update == "frozen":
+            self.encoder.requires_grad_(False)
+
+        # fused Adam: one kernel for all tensors, ~6x faster than the per-tensor loop on CPU.
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, fused=True)
+        self.encoder_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.encoder_lr, fused=True)
+        self.num_updates = 0
+        # Own generators (augmentation + target noise; exploration noise) so a resumed run
+        # continues the exact random stream; both are saved in the checkpoint.
+        self._update_rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self._explore_rng = torch.Generator().manual_seed(cfg.seed + 1)
+
+        if cfg.compile:
+            # Module.compile keeps parameter names, so checkpoints stay interchangeable.
+            for net in self._online() + self._targets():
+                net.compile()
+
+    def _online(self):
+        return [self.encoder, self.actor, self.critic]
+
+    def _targets(self):
+        return [self.encoder_target, self.actor_target, self.critic_target]
+
+    @property
+    def _trains_encoder(self) -> bool:
+        return self.config.encoder_update != "frozen"
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp)
+
+    # ------------------------------------------------------------------ features and acting
+
+    def _obs_to_device(self, obs, augment: bool = False) -> dict[str, torch.Tensor]:
+        """numpy or torch ``obs`` -> ``{"image": uint8 (B,C,H,W), "vector": float32 (B,D)}`` on
+        the device; images stay uint8 until the encoder, so transfers and shifts move 1 byte/pixel."""
+        image = torch.as_tensor(obs["image"]).to(self.device, non_blocking=True)
+        vector = torch.as_tensor(obs["vector"]).to(self.device, torch.float32, non_blocking=True)
+        if augment:
+            image = random_shift(image, self.config.augment_pad, generator=self._update_rng)
+        if self._channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return {"image": image, "vector": vector}
+
+    def extract_features(self, obs, enable_grad: bool) -> torch.Tensor:
+        """Encoder output float ``(B, encoder.out_dim)`` for batched ``obs``.
+
+        ``enable_grad=True`` keeps the autograd graph so a loss on the result trains the CNN
+        (ignored in ``frozen`` mode, whose encoder never gets gradients)."""
+        with torch.set_grad_enabled(enable_grad and self._trains_encoder), self._autocast():
+            return self.encoder(self._obs_to_device(obs))
+
+    @torch.no_grad()
+    def select_action(self, obs, noise: float = 0.0) -> np.ndarray:
+        """Policy action for one observation (image ``(C,H,W)``, vector ``(D,)``) -> float32 ``(A,)``,
+        or for a batch (``(B,C,H,W)``, ``(B,D)``) -> ``(B, A)``. Gaussian exploration noise of std
+        ``noise`` is added, then actions are clipped to [-1, 1]; ``noise=0`` is deterministic."""
+        image, vector = np.asarray(obs["image"]), np.asarray(obs["vector"], dtype=np.float32)
+        single = image.ndim == 3
+        if single:
+            image, vector = image[None], vector[None]
+        if image.shape[1:] != self.obs_spec.image_shape or vector.shape[1:] != (self.obs_spec.vector_dim,):
+            raise SpecMismatchError(
+                f"observation image {image.shape[1:]} / vector {vector.shape[1:]} does not match the "
+                f"agent's spec: image {self.obs_spec.image_shape} / vector ({self.obs_spec.vector_dim},)"
+            )
+        features = self.extract_features({"image": image, "vector": vector}, enable_grad=False)
+        with self._autocast():
+            action = self.actor(features).float().cpu()
+        if noise > 0:
+            action = (action + noise * torch.randn(action.shape, generator=self._explore_rng)).clamp_(-1, 1)
+        return action[0].numpy() if single else action.numpy()
+
+    # ------------------------------------------------------------------ learning
+
+    def _prepare(self, batch) -> dict:
+        """Batch on the device, images shifted (when ``augment``) independently for obs and next_obs."""
+        to = dict(device=self.device, dtype=torch.float32, non_blocking=True)
+        augment = self.config.augment
+        action = torch.as_tensor(_field(batch, "action")).to(**to)
+        offline = _field(batch, "offline")
+        return {
+            "obs": self._obs_to_device(_field(batch, "obs"), augment),
+            "next_obs": self._obs_to_device(_field(batch, "next_obs"), augment),
+            "action": action,
+            "reward": torch.as_tensor(_field(batch, "reward")).to(**to),
+            "done": torch.as_tensor(_field(batch, "done")).to(**to),
+            "discount": torch.as_tensor(_field(batch, "discount")).to(**to),
+            "offline": (torch.zeros(action.shape[0], device=self.device, dtype=torch.bool)
+                        if offline is None else torch.as_tensor(offline).to(self.device, torch.bool)),
+        }
+
+    def _critic_step(self, b: dict) -> tuple[torch.Tensor, dict]:
+        """One critic (+ encoder) step on a prepared batch; returns the (detached) obs features."""
+        cfg = self.config
+        with torch.no_grad(), self._autocast():
+            next_features = self.encoder_target(b["next_obs"])
+            noise = torch.randn(b["action"].shape, device=self.device, generator=self._update_rng)
+            noise = (noise * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+            next_action = (self.actor_target(next_features).float() + noise).clamp(-1.0, 1.0)
+            target_q1, target_q2 = self.critic_target(next_features, next_action)
+            target_q = b["reward"] + b["discount"] * (1.0 - b["done"]) * torch.min(target_q1, target_q2).float()
+
+        features = self.extract_features(b["obs"], enable_grad=True)  # the seed's fix: CNN in the graph
+        with self._autocast():
+            q1, q2 = self.critic(features, b["action"])
+        critic_loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)
+
+        self.critic_opt.zero_grad(set_to_none=True)
+        self.encoder_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        metrics = {
+            "critic_loss": critic_loss.detach(),
+            "q1_mean": q1.detach().float().mean(),
+            "q_target_mean": target_q.mean(),
+            "critic_grad_norm": _grad_norm(list(self.critic.parameters())),
+            "encoder_grad_norm": _grad_norm(list(self.encoder.parameters())),
+        }
+        self.critic_opt.step()
+        if self._trains_encoder:
+            self.encoder_opt.step()
+        return features.detach(), metrics
+
+    def _actor_step(self, b: dict, features: torch.Tensor | None = None) -> dict:
+        """One actor step. ``features`` (detached, from the critic step) are reused unless the actor
+        must backpropagate into the encoder, which needs a fresh graph."""
+        cfg = self.config
+        through_encoder = cfg.encoder_update == "actor+critic"
+        if features is None or through_encoder:
+            features = self.extract_features(b["obs"], enable_grad=through_encoder)
+        with self._autocast():
+            pi = self.actor(features)
+            q = self.critic.q1(features, pi).float()
+        metrics = {}
+        if cfg.bc_alpha > 0:
+            # TD3+BC (Fujimoto & Gu 2021): normalise the Q term by lambda = alpha / mean|Q| and pull
+            # the policy toward the dataset's actions, on offline rows only.
+            lam = cfg.bc_alpha / q.abs().mean().detach().clamp_min(1e-6)
+            offline = b["offline"].float()
+            per_row = ((pi.float() - b["action"]) ** 2).mean(dim=1)
+            bc_loss = (per_row * offline).sum() / offline.sum().clamp_min(1.0)
+            actor_loss = -lam * q.mean() + bc_loss
+            metrics["bc_loss"] = bc_loss.detach()
+        else:
+            actor_loss = -q.mean()
+
+        # Only actor (and, in actor+critic mode, encoder) weights receive this loss's gradients;
+        # the critic is a fixed judge here.
+        params = list(self.actor.parameters())
+        encoder_params = list(self.encoder.parameters()) if through_encoder else []
+        self.actor_opt.zero_grad(set_to_none=True)
+        if through_encoder:
+            self.encoder_opt.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=params + encoder_params)
+        metrics.update(actor_loss=actor_loss.detach(), actor_grad_norm=_grad_norm(params))
+        if through_encoder:
+            metrics["encoder_grad_norm"] = _grad_norm(encoder_params)
+        self.actor_opt.step()
+        if through_encoder:
+            self.encoder_opt.step()
+        return metrics
+
+    @torch.no_grad()
+    def _soft_update_targets(self) -> None:
+        tau = self.config.tau
+        for online, target in zip(self._online(), self._targets()):
+            for p, p_targ in zip(online.parameters(), target.parameters()):
+                p_targ.lerp_(p, tau)
+
+    @staticmethod
+    def _floats(metrics: dict) -> dict[str, float]:
+        # One device sync for all metrics instead of one per .item().
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
+        return dict(zip(metrics, values))
+
+    def update_critic(self, batch) -> dict[str, float]:
+        """One critic (+ encoder) step: ``critic_loss, q1_mean, q_target_mean, critic_grad_norm,
+        encoder_grad_norm``. Does not count towards ``num_updates``."""
+        return self._floats(self._critic_step(self._prepare(batch))[1])
+
+    def update_actor(self, batch) -> dict[str, float]:
+        """One actor step: ``actor_loss, actor_grad_norm`` (+ ``bc_loss`` with TD3+BC,
+        + ``encoder_grad_norm`` in actor+critic mode). Targets are not moved."""
+        return self._floats(self._actor_step(self._prepare(batch)))
+
+    def update(self, batch) -> dict[str, float]:
+        """One TD3 update: a critic step, and every ``policy_delay``-th call an actor step plus
+        Polyak averaging of the targets. Returns floats (see update_critic / update_actor); the
+        actor's encoder gradient norm is reported as ``encoder_actor_grad_norm``."""
+        b = self._prepare(batch)
+        features, metrics = self._critic_step(b)
+        self.num_updates += 1
+        if self.num_updates % self.config.policy_delay == 0:
+            actor_metrics = self._actor_step(b, features)
+            if "encoder_grad_norm" in actor_metrics:
+                actor_metrics["encoder_actor_grad_norm"] = actor_metrics.pop("encoder_grad_norm")
+            metrics.update(actor_metrics)
+            self._soft_update_targets()
+        return self._floats(metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: networks, targets, optimisers, update counter,
+        RNG states, config and specs. Plain types and tensors only (``weights_only=True`` loads it)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "obs_spec": self.obs_spec.to_dict(),
+            "action_spec": self.action_spec.to_dict(),
+            "num_updates": self.num_updates,
+            **{name: getattr(self, name).state_dict() for name in self._STATE_NAMES},
+            "rng": {"update": self._update_rng.get_state(), "explore": self._explore_rng.get_state()},
+        }
+
+    _STATE_NAMES = (
+        "encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target",
+        "actor_opt", "critic_opt", "encoder_opt",
+    )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. Raises :class:`SpecMismatchError` if its obs or action spec
+        differs from this agent's. The agent's own ``config`` is kept."""
+        self.obs_spec.check_compatible(ObsSpec.from_dict(state["obs_spec"]), "checkpoint")
+        theirs = ActionSpec.from_dict(state["action_spec"])
+        if theirs != self.action_spec:
+            raise SpecMismatchError(
+                f"checkpoint has a different action spec ({list(theirs.fields)} != {list(self.action_spec.fields)})"
+            )
+        for name in self._STATE_NAMES:
+            getattr(self, name).load_state_dict(state[name])
+        self.num_updates = int(state["num_updates"])
+        self._update_rng.set_state(state["rng"]["update"])
+        self._explore_rng.set_state(state["rng"]["explore"])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically (temp file in the same folder, then rename), so a crash
+        never leaves a half-written ``last.pt``."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise PipelineError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        map_location: str | torch.device | None = None,
+        expected_obs_spec: ObsSpec | None = None,
+    ) -> "TD3Agent":
+        """Build an agent from a checkpoint (``torch.load(weights_only=True)``: nothing is unpickled).
+
+        ``map_location`` picks the device (default: the saved config's, usually "auto").
+        ``expected_obs_spec`` (e.g. the env's) must match the checkpoint's, else
+        :class:`SpecMismatchError` naming the differing fields."""
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated/foreign files
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PipelineError(f"cannot read checkpoint {path}: {first_line}") from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise PipelineError(f"{path} is not a pipeline TD3 checkpoint")
+
+        obs_spec = ObsSpec.from_dict(state["obs_spec"])
+        if expected_obs_spec is not None:
+            expected_obs_spec.check_compatible(obs_spec, f"checkpoint {path}")
+        known = {f.name for f in dataclasses.fields(TD3Config)}
+        config = TD3Config(**{k: v for k, v in state["config"].items() if k in known})
+        if map_location is not None:
+            config = dataclasses.replace(config, device=str(map_location))
+        agent = cls(obs_spec, ActionSpec.from_dict(state["action_spec"]), config)
+        agent.load_state_dict(state)
+        return agent

@@ -1,0 +1,280 @@
+"""TD3 learner: gradients reach the CNN (the seed's validation tests), encoder modes, acting,
+targets, TD3+BC, checkpoints and exact resume. CPU, tiny batches of random uint8 images."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.envs.spec import ObsSpec
+from pipeline.errors import PipelineError, SpecMismatchError
+from pipeline.train.networks import random_shift
+from pipeline.train.td3 import TD3Agent, TD3Config
+
+SPEC = ObsSpec()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's cores are shared; one thread is also the fastest at these batch sizes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_obs(rng, b, spec=SPEC):
+    return {
+        "image": torch.from_numpy(rng.integers(0, 256, (b, *spec.image_shape), dtype=np.uint8)),
+        "vector": torch.from_numpy(rng.standard_normal((b, spec.vector_dim), dtype=np.float32)),
+    }
+
+
+def make_batch(seed=0, b=8, offline=True, action=None, spec=SPEC):
+    rng = np.random.default_rng(seed)
+    if action is None:
+        action = rng.uniform(-1, 1, (b, 2)).astype(np.float32)
+    return {
+        "obs": make_obs(rng, b, spec),
+        "action": torch.as_tensor(np.broadcast_to(action, (b, 2)).copy()),
+        "reward": torch.from_numpy(rng.standard_normal(b).astype(np.float32)),
+        "next_obs": make_obs(rng, b, spec),
+        "done": torch.from_numpy((rng.random(b) < 0.2).astype(np.float32)),
+        "discount": torch.full((b,), 0.99**3),
+        "offline": torch.full((b,), offline),
+    }
+
+
+def make_agent(spec=SPEC, **overrides):
+    return TD3Agent(spec, config=TD3Config(device="cpu", **overrides))
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(module, before):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_random_shift_is_replicate_pad_then_crop_per_sample():
+    image = torch.randint(0, 256, (32, 4, 12, 12), dtype=torch.uint8)
+    pad = 2
+    out = random_shift(image, pad, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == image.shape
+    padded = F.pad(image.float(), (pad,) * 4, mode="replicate")
+    offsets = []
+    for i in range(len(image)):
+        matches = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(padded[i, :, dy : dy + 12, dx : dx + 12], out[i].float())
+        ]
+        assert matches, f"sample {i} is not a crop of its replicate-padded image"
+        offsets.append(matches[0])
+    assert len(set(offsets)) > 5  # per-sample shifts, not one shift for the batch
+    assert torch.equal(random_shift(image, 0), image)
+
+
+# ---------------------------------------------------------------- the seed's validation tests
+
+
+def test_one_update_gives_every_encoder_parameter_a_nonzero_gradient():
+    agent = make_agent()
+    assert all(p.grad is None for p in agent.encoder.parameters())
+    metrics = agent.update(make_batch())
+    for name, p in agent.encoder.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} gradient is all zero"
+    assert metrics["encoder_grad_norm"] > 0
+
+
+def test_encoder_weights_and_features_change_over_100_updates():
+    agent = make_agent()
+    probe = make_obs(np.random.default_rng(99), 2)
+    features_before = agent.extract_features(probe, enable_grad=False)
+    weights_before = snapshot(agent.encoder)
+    target_before = snapshot(agent.encoder_target)
+    batches = [make_batch(seed=s, b=4) for s in range(4)]
+    for i in range(100):
+        metrics = agent.update(batches[i % 4])
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert changed(agent.encoder, weights_before) == set(weights_before), "every CNN weight should move"
+    assert changed(agent.encoder_target, target_before) == set(target_before)
+    features_after = agent.extract_features(probe, enable_grad=False)
+    assert not torch.allclose(features_before, features_after), "CNN features should adapt"
+
+
+def test_frozen_encoder_gets_no_gradient_and_never_changes():
+    agent = make_agent(encoder_update="frozen")
+    encoder, target = snapshot(agent.encoder), snapshot(agent.encoder_target)
+    actor, critic = snapshot(agent.actor), snapshot(agent.critic)
+    for s in range(6):
+        metrics = agent.update(make_batch(seed=s, b=4))
+    assert all(p.grad is None for p in agent.encoder.parameters())
+    assert metrics["encoder_grad_norm"] == 0.0
+    assert not changed(agent.encoder, encoder) and not changed(agent.encoder_target, target)
+    assert changed(agent.actor, actor) and changed(agent.critic, critic)
+    assert not agent.extract_features(make_batch()["obs"], enable_grad=True).requires_grad
+
+
+@pytest.mark.parametrize("mode, reaches_encoder", [("actor+critic", True), ("critic", False)])
+def test_actor_loss_reaches_encoder_only_in_actor_critic_mode(mode, reaches_encoder):
+    agent = make_agent(encoder_update=mode)
+    batch = make_batch()
+    agent.update_critic(batch)
+    agent.encoder.zero_grad(set_to_none=True)
+    agent.critic.zero_grad(set_to_none=True)
+    encoder, actor, critic = snapshot(agent.encoder), snapshot(agent.actor), snapshot(agent.critic)
+
+    metrics = agent.update_actor(batch)
+
+    grads = [p.grad for p in agent.encoder.parameters()]
+    if reaches_encoder:
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        assert changed(agent.encoder, encoder) == set(encoder)
+        assert metrics["encoder_grad_norm"] > 0
+    else:
+        assert all(g is None for g in grads)
+        assert not changed(agent.encoder, encoder)
+        assert "encoder_grad_norm" not in metrics
+    assert changed(agent.actor, actor) and metrics["actor_grad_norm"] > 0
+    # the critic judges the actor; the actor loss must not train it
+    assert all(p.grad is None for p in agent.critic.parameters()) and not changed(agent.critic, critic)
+
+
+# ---------------------------------------------------------------- acting
+
+
+def test_select_action_single_and_batch():
+    agent = make_agent()
+    rng = np.random.default_rng(1)
+    batch = {k: v.numpy() for k, v in make_obs(rng, 3).items()}
+    single = {k: v[0] for k, v in batch.items()}
+
+    a = agent.select_action(single)
+    assert a.shape == (2,) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, agent.select_action(single))  # deterministic without noise
+    actions = agent.select_action(batch)
+    assert actions.shape == (3, 2)
+    np.testing.assert_allclose(actions[0], a, atol=1e-6)
+
+    noisy = agent.select_action(batch, noise=0.3)
+    assert not np.allclose(noisy, actions) and np.all(np.abs(noisy) <= 1.0)
+    saturated = agent.select_action(batch, noise=100.0)
+    assert np.all(np.abs(saturated) <= 1.0) and np.all(np.abs(saturated) > 0.9)
+
+    with pytest.raises(SpecMismatchError, match="vector"):
+        agent.select_action({"image": single["image"], "vector": single["vector"][:5]})
+
+
+# ---------------------------------------------------------------- targets and delay
+
+
+def test_actor_and_targets_update_every_policy_delay_steps_by_polyak_tau():
+    agent = make_agent(tau=0.1, policy_delay=2)
+    assert agent.encoder_target is not agent.encoder
+    nets = ("encoder", "actor", "critic")
+    targets = {n: snapshot(getattr(agent, f"{n}_target")) for n in nets}
+    actor = snapshot(agent.actor)
+
+    first = agent.update(make_batch(seed=1))
+    assert "actor_loss" not in first and not changed(agent.actor, actor)
+    assert all(not changed(getattr(agent, f"{n}_target"), targets[n]) for n in nets)
+
+    second = agent.update(make_batch(seed=2))
+    assert "actor_loss" in second and changed(agent.actor, actor)
+    for n in nets:
+        online = dict(getattr(agent, n).named_parameters())
+        for name, p in getattr(agent, f"{n}_target").named_parameters():
+            expected = targets[n][name] + 0.1 * (online[name].detach() - targets[n][name])
+            torch.testing.assert_close(p, expected, msg=f"{n}_target.{name} is not a Polyak step")
+        assert changed(getattr(agent, f"{n}_target"), targets[n])
+
+
+# ---------------------------------------------------------------- TD3+BC
+
+
+def test_td3_bc_pulls_actions_toward_dataset_actions_on_offline_rows_only():
+    goal = np.array([0.6, -0.4], dtype=np.float32)
+
+    def distance_after(offline, steps=40):
+        agent = make_agent(bc_alpha=0.5, augment=False)
+        batch = make_batch(seed=3, offline=offline, action=goal)
+        dist = lambda: float(np.mean((agent.select_action(batch["obs"]) - goal) ** 2))
+        start = dist()
+        for _ in range(steps):
+            metrics = agent.update_actor(batch)
+        return start, dist(), metrics
+
+    start, offline_end, metrics = distance_after(offline=True)
+    assert metrics["bc_loss"] > 0
+    assert offline_end < 0.5 * start
+    _, online_end, metrics = distance_after(offline=False)
+    assert metrics["bc_loss"] == 0.0
+    assert online_end > 2 * offline_end
+    assert "bc_loss" not in make_agent().update_actor(make_batch())
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_save_load_round_trip_with_weights_only(tmp_path):
+    rng = np.random.default_rng(5)
+    agent = TD3Agent(SPEC, config=TD3Config(device="cpu", seed=3), vector_mean=rng.standard_normal(23),
+                     vector_std=rng.uniform(0.5, 2, 23))
+    for s in range(3):
+        agent.update(make_batch(seed=s, b=4))
+    path = agent.save(tmp_path / "ckpt" / "last.pt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["num_updates"] == 3 and raw["obs_spec"] == SPEC.to_dict()
+    loaded = TD3Agent.load(path, map_location="cpu", expected_obs_spec=SPEC)
+    torch.testing.assert_close(loaded.encoder.vector_std, agent.encoder.vector_std)
+    obs = {k: v.numpy() for k, v in make_obs(rng, 4).items()}
+    np.testing.assert_array_equal(loaded.select_action(obs), agent.select_action(obs))
+    np.testing.assert_array_equal(loaded.select_action(obs, noise=0.2), agent.select_action(obs, noise=0.2))
+
+
+def test_checkpoint_errors_are_one_line_pipeline_errors(tmp_path):
+    speed_only = ObsSpec(vector_fields="speed")
+    path = make_agent(spec=speed_only).save(tmp_path / "speed.pt")
+    with pytest.raises(SpecMismatchError, match="vector_fields"):
+        TD3Agent.load(path, expected_obs_spec=SPEC)
+    with pytest.raises(SpecMismatchError, match="vector_fields"):
+        make_agent().load_state_dict(torch.load(path, weights_only=True))
+    assert TD3Agent.load(path, expected_obs_spec=speed_only).obs_spec == speed_only
+
+    with pytest.raises(PipelineError, match="not found"):
+        TD3Agent.load(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="cannot read checkpoint") as err:
+        TD3Agent.load(garbage)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PipelineError, match="encoder update"):
+        TD3Config(encoder_update="sometimes")
+
+
+def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):
+    batches = [make_batch(seed=s, b=4) for s in range(4)]
+    straight, interrupted = make_agent(seed=7), make_agent(seed=7)
+    for b in batches[:3]:
+        straight.update(b)
+        interrupted.update(b)
+    resumed = TD3Agent.load(interrupted.save(tmp_path / "mid.pt"), map_location="cpu")
+    del interrupted
+
+    # update 4 runs the delayed actor step and the target averaging: counter, optimiser moments,
+    # augmentation and target-noise RNG must all have been restored
+    assert straight.update(batches[3]) == resumed.update(batches[3])
+    for name in ("encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"):
+        a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    obs = {k: v.numpy() for k, v in batches[0]["obs"].items()}
+    np.testing.assert_array_equal(straight.select_action(obs, 0.1), resumed.select_action(obs, 0.1))
