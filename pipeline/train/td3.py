@@ -380,14 +380,15 @@ class TD3Agent:
         self._update_rng.set_state(state["rng"]["update"])
         self._explore_rng.set_state(state["rng"]["explore"])
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write the checkpoint atomically (temp file in the same folder, then rename), so a crash
-        never leaves a half-written ``last.pt``."""
+        never leaves a half-written ``last.pt``. ``extra`` (plain types and tensors) is stored
+        alongside, e.g. the training loop's counters; :meth:`load` ignores it."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.state_dict(), tmp)
+            torch.save({**self.state_dict(), **(extra or {})}, tmp)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
