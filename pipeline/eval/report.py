@@ -1,0 +1,139 @@
+"""Evaluation outputs: ``report.json``, ``episodes.csv``, ``summary.png``, videos, and the terminal table.
+
+All of them read the report dict that :func:`pipeline.eval.runner.evaluate` builds:
+``summary[label]["overall" | "by_route"][route]`` summaries and one ``episodes`` row per episode.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+VIDEO_SCALE = 4  # 84x84 camera frames are too small to watch; nearest-neighbour upscaling
+
+#: (summary key, axis title) of the four panels of ``summary.png``.
+PLOTTED = (
+    ("route_completion", "route completion (%)"),
+    ("driving_score", "driving score"),
+    ("infractions_per_km", "infractions per km"),
+    ("mean_speed", "mean speed (m/s)"),
+)
+
+
+def short_label(label: str) -> str:
+    """A checkpoint path as its last two parts (``runs/x/last.pt`` -> ``x/last.pt``); names as is."""
+    parts = Path(label).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else label
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", short_label(label).replace(".pt", "")).strip("_") or "policy"
+
+
+def write_all(report: dict, out: Path, videos: dict[str, tuple[np.ndarray, float]]) -> dict:
+    """Write every output into ``out``; ``videos`` maps policy label -> (frames uint8 ``(T, H, W)``,
+    fps). Returns the written paths (what the report's ``files`` entry holds)."""
+    files = {"report": str(out / "report.json"), "episodes_csv": str(out / "episodes.csv"),
+             "summary_png": str(out / "summary.png"), "videos": {}}
+    try:
+        write_csv(report["episodes"], out / "episodes.csv")
+        plot_summary(report, out / "summary.png")
+        for label, (frames, fps) in videos.items():
+            files["videos"][label] = str(write_video(frames, out / f"video_{_slug(label)}", fps))
+        report = {**report, "files": files}
+        tmp = out / ".report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "report.json")  # readers never see half a report
+    except OSError as exc:
+        raise PipelineError(f"cannot write the evaluation report to {out}: {exc.strerror or exc}") from None
+    return files
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_summary(report: dict, path: Path) -> None:
+    """Grouped bars: one group per route, one bar per policy (mean with std whiskers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["summary"])
+    routes = list(report["routes"])
+    width = 0.8 / len(labels)
+    x = np.arange(len(routes))
+    fig, axes = plt.subplots(2, 2, figsize=(4 + 1.6 * len(routes) * max(1, len(labels) / 2), 7), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, PLOTTED):
+        for i, label in enumerate(labels):
+            per_route = [report["summary"][label]["by_route"][r] for r in routes]
+            means = [s[key] for s in per_route]
+            stds = [s[f"{key}_std"] for s in per_route] if f"{key}_std" in per_route[0] else None
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+                   label=short_label(label))
+        ax.set_title(title)
+        ax.set_xticks(x, routes)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[:2]:
+        ax.set_ylim(0, 105)
+    axes.flat[0].legend(fontsize="small")
+    episodes = report["config"]["episodes"]
+    fig.suptitle(f"pipeline eval: {episodes} episode(s) per policy and route (bars: mean, whiskers: std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_video(frames: np.ndarray, stem: Path, fps: float) -> Path:
+    """Frames uint8 ``(T, H, W)`` -> ``stem.mp4`` when an ffmpeg backend is installed, else ``stem.gif``."""
+    import imageio.v3 as iio
+
+    big = np.repeat(np.repeat(frames, VIDEO_SCALE, axis=1), VIDEO_SCALE, axis=2)
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        path = stem.with_suffix(".mp4")
+        iio.imwrite(path, big, fps=fps, codec="libx264", macro_block_size=1)
+    else:
+        path = stem.with_suffix(".gif")
+        iio.imwrite(path, big, duration=1000.0 / fps, loop=0)
+    return path
+
+
+def print_table(report: dict, console=None) -> None:
+    """One row per policy and route (plus an all-routes row per policy when there are several)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes get the whole table, not an 80-column squeeze
+            console = Console(width=200)
+    table = Table(title="evaluation (means over episodes; counts are totals)", title_justify="left")
+    for name in ("policy", "route", "eps", "RC %", "DS", "penalty", "collisions", "off-route", "infr/km",
+                 "return", "steps", "m/s", "endings"):
+        table.add_column(name, justify="left" if name in ("policy", "route", "endings") else "right",
+                         no_wrap=name != "endings")
+    many_routes = len(report["routes"]) > 1
+    for label, summaries in report["summary"].items():
+        rows = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
+        for route, s in rows:
+            table.add_row(
+                short_label(label), route, str(s["episodes"]),
+                f"{s['route_completion']:.1f}", f"{s['driving_score']:.1f}", f"{s['infraction_penalty']:.2f}",
+                str(s["collisions"]), str(s["off_route_events"]), f"{s['infractions_per_km']:.2f}",
+                f"{s['episode_return']:.2f}", f"{s['length']:.0f}", f"{s['mean_speed']:.1f}",
+                ", ".join(f"{k} {v}" for k, v in s["terminations"].items()),
+                end_section=route == "all" or (not many_routes),
+            )
+    console.print(table)

@@ -1,0 +1,374 @@
+"""Fixed-route evaluation: drive policies on named routes and seeds, score every episode.
+
+Two entry points:
+
+- :func:`evaluate` is ``pipeline eval``. It checks everything a user can get wrong (routes,
+  policies and checkpoints, the simulator server, the output folder) before the first episode and
+  before writing anything, runs every (policy, route, seed) episode here or on dask, and writes
+  ``report.json``, ``episodes.csv``, ``summary.png`` and optional videos (:mod:`.report`).
+- :func:`evaluate_policy` runs an in-memory policy or agent in this process and returns the summary
+  dict; the training loop calls it every ``--eval-every`` updates.
+
+Policies act without exploration noise, and every episode resets env and policy with its seed, so
+the same policy, route and seed give the same numbers, here or on any worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.envs import Route, get_route, list_routes, make_env
+from pipeline.envs.policies import SCRIPTED_POLICIES
+from pipeline.errors import PipelineError, SimulatorUnavailableError
+from pipeline.eval.metrics import LANE_HALF_WIDTH_M, MIN_KM, PENALTY, EpisodeMetrics, EpisodeTracker, summarize
+
+REPORT_FORMAT = "pipeline.eval"
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``pipeline eval`` runs. ``policies`` holds "expert", "random" or checkpoint paths."""
+
+    out: str
+    policies: tuple[str, ...] = ("expert",)
+    routes: tuple[str, ...] = ("racetrack",)
+    episodes: int = 5
+    seed: int | None = None  # None: the route's own evaluation seeds
+    max_steps: int | None = None  # None: the route's step limit
+    traffic: int | None = None  # None: the route's traffic
+    workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
+    scheduler: str | None = None  # address of an existing dask scheduler
+    video: bool = False  # record the first episode of each policy
+    simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
+
+
+@dataclass(frozen=True)
+class EpisodeTask:
+    """One episode to drive; plain data so it travels to dask workers."""
+
+    policy: str
+    route: str
+    seed: int
+    vector_fields: tuple[str, ...] | None = None  # None: all fields (what scripted policies use)
+    traffic: int | None = None
+    max_steps: int | None = None
+    simulator: tuple[tuple[str, object], ...] = ()
+    record_video: bool = False
+
+    @property
+    def env_key(self) -> tuple:
+        return (self.route, self.vector_fields, self.traffic, self.max_steps, self.simulator)
+
+
+def episode_seeds(route: Route, episodes: int, seed: int | None = None) -> list[int]:
+    """Reset seeds of the ``episodes`` episodes on ``route``: ``seed, seed + 1, ...``, or with
+    ``seed=None`` the route's evaluation seeds, continued one by one past the last when more are asked."""
+    if seed is not None:
+        return [int(seed) + i for i in range(episodes)]
+    seeds = list(route.seeds)[:episodes]
+    nxt = (max(seeds) + 1) if seeds else 0
+    return seeds + list(range(nxt, nxt + episodes - len(seeds)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Envs and policies, built once per process (the driver, or each dask worker) and reused.
+
+_ENVS: dict[tuple, object] = {}
+_POLICIES: dict[tuple, object] = {}
+
+
+def _simulator_options(route: Route, simulator) -> tuple[tuple[str, object], ...]:
+    return tuple(sorted(dict(simulator or {}).items())) if route.backend == "carla" else ()
+
+
+def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = ()):
+    key = (route, vector_fields, traffic, max_steps, simulator)
+    if key not in _ENVS:
+        try:
+            _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
+                                  **dict(simulator))
+        except SimulatorUnavailableError as exc:
+            raise _with_embedded_routes(exc) from None
+    return _ENVS[key]
+
+
+def _with_embedded_routes(exc: SimulatorUnavailableError) -> SimulatorUnavailableError:
+    """The backend's message on one line, naming the routes that work without any server."""
+    message = " ".join(str(exc).split())
+    embedded = [r.name for r in list_routes("embedded")]
+    if not all(name in message for name in embedded):
+        message += f"; embedded routes that work without a server: {', '.join(embedded)}"
+    return SimulatorUnavailableError(message)
+
+
+def close_envs() -> None:
+    """Close every env this process built for evaluation (and forget their policies)."""
+    while _ENVS:
+        _, env = _ENVS.popitem()
+        with contextlib.suppress(Exception):  # closing must never hide the error that got us here
+            env.close()
+    _POLICIES.clear()
+
+
+def drive_episode(env, policy, seed: int, record_video: bool = False) -> tuple[EpisodeMetrics, np.ndarray | None]:
+    """Drive one episode of ``env`` with ``policy`` (``reset(seed)`` + ``act(obs, info)``).
+
+    Returns the episode's metrics and, with ``record_video``, the newest camera frame of every
+    observation, uint8 ``(T + 1, H, W)``."""
+    if hasattr(policy, "reset"):
+        policy.reset(seed)
+    obs, info = env.reset(seed=int(seed))
+    tracker = EpisodeTracker(env.unwrapped.route.name, seed)
+    tracker.reset(info)
+    frames = [obs["image"][-1]] if record_video else None
+    while True:
+        obs, reward, terminated, truncated, info = env.step(policy.act(obs, info))
+        tracker.step(reward, info)
+        if frames is not None:
+            frames.append(obs["image"][-1])
+        if terminated or truncated:
+            return tracker.finish(), (np.stack(frames) if frames is not None else None)
+
+
+def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
+    """Drive one :class:`EpisodeTask` on whatever process runs it."""
+    from pipeline.policies import make_policy
+
+    env = _env_for(task.route, task.vector_fields, task.traffic, task.max_steps, task.simulator)
+    policy_key = (task.policy, task.env_key)
+    if policy_key not in _POLICIES:
+        _POLICIES[policy_key] = make_policy(task.policy, env)
+    return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process evaluation for the training loop.
+
+def evaluate_policy(policy, routes=("racetrack",), episodes: int = 1, seed: int | None = 0,
+                    max_steps: int | None = None, traffic: int | None = None,
+                    simulator: dict | None = None) -> dict:
+    """Evaluate ``policy`` on ``routes`` in this process and return its summary.
+
+    ``policy`` is a TD3 agent (anything with ``select_action(obs, noise)`` and ``obs_spec``; it acts
+    without noise, and the env gives it the vector fields and traffic it was trained with, so the
+    numbers track training conditions) or a policy with ``act(obs, info)`` and ``reset(seed)``.
+    Envs are built once per process and reused across calls. ``traffic`` (when the policy has no
+    ``obs_spec``) and ``max_steps`` default to each route's own.
+
+    Returns :func:`~pipeline.eval.metrics.summarize` over all episodes (float keys such as
+    ``route_completion``, ``driving_score``, ``infractions_per_km``, ``episode_return``, ready to
+    log), plus ``by_route``: route name -> the same summary for that route's episodes.
+    """
+    from pipeline.policies import AgentPolicy
+
+    if not hasattr(policy, "act"):
+        policy = AgentPolicy(policy)
+    spec = getattr(policy, "obs_spec", None)
+    vector_fields = tuple(spec.vector_fields) if spec is not None else None
+    if traffic is None and spec is not None:
+        traffic = spec.traffic
+    by_route: dict[str, list[EpisodeMetrics]] = {}
+    for name in ([routes] if isinstance(routes, str) else routes):
+        route = get_route(name)
+        env = _env_for(route.name, vector_fields, traffic, max_steps, _simulator_options(route, simulator))
+        by_route[route.name] = [drive_episode(env, policy, s)[0] for s in episode_seeds(route, episodes, seed)]
+    summary = summarize([m for ms in by_route.values() for m in ms])
+    summary["by_route"] = {name: summarize(ms) for name, ms in by_route.items()}
+    return summary
+
+
+evaluate_agent = evaluate_policy  # the name the training loop imports
+
+
+# ---------------------------------------------------------------------------------------------
+# `pipeline eval`
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_policy(name: str) -> dict:
+    """Report metadata of a policy; a checkpoint is loaded once here so a bad file fails early.
+
+    ``vector_fields`` is what the policy's env must give (None: all fields)."""
+    if name in SCRIPTED_POLICIES:
+        return {"label": name, "kind": "scripted", "name": name, "vector_fields": None}
+    from pipeline.policies import load_agent
+
+    agent = load_agent(name)
+    return {
+        "label": name,
+        "kind": "checkpoint",
+        "path": str(Path(name).resolve()),
+        "sha256": _sha256(Path(name)),
+        "num_updates": agent.num_updates,
+        "obs_spec": agent.obs_spec.to_dict(),
+        "td3_config": asdict(agent.config),
+        "vector_fields": tuple(agent.obs_spec.vector_fields),
+    }
+
+
+def _prepare_out(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(f"cannot write the evaluation report to {path}: {exc.strerror or exc}") from None
+    return path
+
+
+@contextlib.contextmanager
+def _dask_client(workers: int, scheduler: str | None):
+    from dask.distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if scheduler:
+            client = Client(scheduler, timeout="10s")
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=50)
+            client = Client(cluster)
+    except OSError as exc:
+        if cluster is not None:
+            cluster.close()
+        raise PipelineError(f"cannot reach the dask scheduler {scheduler or 'of a local cluster'}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool) -> list:
+    """Results of ``tasks`` in task order, whatever order they finish in."""
+    results: list = [None] * len(tasks)
+    with _progress(progress, len(tasks)) as advance:
+        if config.workers or config.scheduler:
+            from dask.distributed import as_completed
+
+            with _dask_client(config.workers, config.scheduler) as client:
+                futures = client.map(run_task, tasks, pure=False)
+                index = {future.key: i for i, future in enumerate(futures)}
+                for future in as_completed(futures):
+                    results[index[future.key]] = future.result()
+                    advance(results[index[future.key]][0])
+        else:
+            for i, task in enumerate(tasks):
+                results[i] = run_task(task)
+                advance(results[i][0])
+    return results
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    """Yields ``advance(metrics)``: a rich progress bar of episodes, or a no-op."""
+    if not enabled:
+        yield lambda metrics: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
+                  TextColumn("{task.fields[last]}"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("eval", total=total, last="")
+
+        def advance(m: EpisodeMetrics) -> None:
+            bar.update(task, advance=1, last=f"{m.route} seed {m.seed}: RC {m.route_completion:.0f}%, "
+                                             f"DS {m.driving_score:.1f}, {m.termination}")
+
+        yield advance
+
+
+def scoring_conventions() -> dict:
+    """The pinned scoring rules, stored in every report so numbers stay interpretable."""
+    return {
+        "standard": "CARLA Leaderboard 1.0",
+        "driving_score": "route_completion (0-100) x infraction_penalty, averaged over episodes",
+        "penalty_per_event": PENALTY,
+        "off_route": "penalty x (1 - off_route_share); share = fraction of steps off route or "
+                     f"|lateral offset| > {LANE_HALF_WIDTH_M} m",
+        "per_km": f"counts / km driven along the route (progress), km floored at {MIN_KM}",
+    }
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Run ``pipeline eval``: returns the report dict (also written to ``config.out``)."""
+    from pipeline.eval import report as report_files
+
+    if config.episodes <= 0:
+        raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
+    if config.workers < 0:
+        raise PipelineError(f"--workers must be >= 0, got {config.workers}")
+    if config.max_steps is not None and config.max_steps <= 0:
+        raise PipelineError(f"--max-steps must be a positive number, got {config.max_steps}")
+    if not config.policies:
+        raise PipelineError("nothing to evaluate: give --checkpoint PATH or --policy expert|random")
+    routes = [get_route(name) for name in dict.fromkeys(config.routes)]  # unknown names list the known
+    if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes):
+        raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler")
+    policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
+
+    tasks = []
+    for p in policies:
+        for r_index, route in enumerate(routes):
+            for s_index, seed in enumerate(episode_seeds(route, config.episodes, config.seed)):
+                tasks.append(EpisodeTask(
+                    policy=p["label"], route=route.name, seed=seed, vector_fields=p["vector_fields"],
+                    traffic=config.traffic, max_steps=config.max_steps,
+                    simulator=_simulator_options(route, config.simulator),
+                    record_video=config.video and r_index == 0 and s_index == 0))
+    started = time.perf_counter()
+    try:
+        # Build every env before writing anything: a CARLA route with no server stops here.
+        fps = {}
+        for task in tasks:
+            env = _env_for(task.route, task.vector_fields, task.traffic, task.max_steps, task.simulator)
+            fps[task.route] = float(env.unwrapped.metadata.get("render_fps", 10))
+        out = _prepare_out(config.out)
+        results = _run_tasks(tasks, config, progress)
+    finally:
+        close_envs()
+
+    report = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "software_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "elapsed_s": time.perf_counter() - started,
+        "config": {**{k: v for k, v in asdict(config).items() if k != "simulator"},
+                   "seeds": {r.name: episode_seeds(r, config.episodes, config.seed) for r in routes}},
+        "scoring": scoring_conventions(),
+        "routes": {r.name: asdict(r) for r in routes},
+        "policies": [{k: v for k, v in p.items() if k != "vector_fields"} for p in policies],
+        "summary": {},
+        "episodes": [],
+    }
+    for p in policies:
+        mine = [m for t, (m, _) in zip(tasks, results) if t.policy == p["label"]]
+        report["summary"][p["label"]] = {
+            "overall": summarize(mine),
+            "by_route": {r.name: summarize([m for m in mine if m.route == r.name]) for r in routes},
+        }
+        report["episodes"] += [{"policy": p["label"], **m.to_dict()} for m in mine]
+    videos = {t.policy: (frames, fps[t.route]) for t, (_, frames) in zip(tasks, results) if frames is not None}
+    report["files"] = report_files.write_all(report, out, videos)
+    return report
