@@ -144,6 +144,63 @@ def info(path, as_json):
     print_summary(path, summary)
 
 
+# ---------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.option("--checkpoint", "checkpoints", multiple=True,
+              help="TD3 checkpoint .pt to evaluate; repeat to compare several side by side.")
+@click.option("--policy", "policies", multiple=True, type=click.Choice(["expert", "random"]),
+              help="Scripted baseline on the same routes; repeatable [default: expert if no --checkpoint].")
+@click.option("--route", "routes", multiple=True, help="Route name, repeatable [default: racetrack].")
+@click.option("--episodes", type=int, default=5, show_default=True, help="Episodes per policy and route.")
+@click.option("--seed", type=int, default=None,
+              help="Episode i resets with seed+i [default: each route's evaluation seeds].")
+@click.option("--max-steps", type=int, default=None, help="Step limit per episode [default: the route's].")
+@click.option("--traffic", type=int, default=None, help="Other vehicles [default: the route's].")
+@click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
+@click.option("--out", default=None,
+              help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
+@click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table.")
+@carla_options
+def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, out, video, quiet,
+          carla_host, carla_port):
+    """Drive policies deterministically on fixed routes and seeds; report driving metrics.
+
+    Per episode and in summary: route completion, collisions, off-route events, infractions per km,
+    driving score (CARLA Leaderboard 1.0: completion x infraction penalty), return, length, ending.
+    Writes report.json, episodes.csv and summary.png (and videos with --video) into --out.
+
+    \b
+    Examples:
+      pipeline eval --checkpoint runs/x/last.pt --route racetrack --route racetrack-oval
+      pipeline eval --checkpoint runs/a/last.pt --checkpoint runs/b/last.pt --policy expert --video
+      pipeline eval --policy expert --policy random --route racetrack --episodes 10 --workers 2
+    """
+    from pathlib import Path
+
+    from pipeline.eval.report import print_table
+    from pipeline.eval.runner import EvalConfig, evaluate
+
+    if not checkpoints and not policies:
+        click.echo("no --checkpoint given: evaluating the scripted expert as a reference")
+        policies = ("expert",)
+    if out is None:
+        out = str(Path(checkpoints[0]).parent / "eval") if len(checkpoints) == 1 and not policies \
+            else _default_run_name("-eval")
+    config = EvalConfig(
+        out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
+        episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
+        video=video, simulator=_carla_kwargs(carla_host, carla_port),
+    )
+    report = evaluate(config, progress=not quiet)
+    if not quiet:
+        print_table(report)
+    files = report["files"]
+    click.echo(f"report: {files['report']}  episodes: {files['episodes_csv']}  plot: {files['summary_png']}"
+               + "".join(f"  video: {path}" for path in files["videos"].values()))
+
+
 def main():
     try:
         cli.main(standalone_mode=False)
