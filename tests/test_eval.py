@@ -230,3 +230,11 @@ def test_carla_route_without_server_is_one_clear_line(tmp_path):
     line = assert_one_line_error(result, "127.0.0.1", str(port), "0.9.16", "racetrack")
     assert elapsed < 15, f"took {elapsed:.1f} s"
     assert not (tmp_path / "eval").exists()
+
+
+def test_checkpoints_with_the_same_file_name_keep_distinct_labels():
+    from pipeline.eval.report import short_labels
+
+    short = short_labels(["runs/a/last.pt", "runs/b/last.pt", "expert"])
+    assert short == {"runs/a/last.pt": "a/last.pt", "runs/b/last.pt": "b/last.pt", "expert": "expert"}
+    assert len(set(short_labels(["x/a/run/last.pt", "y/a/run/last.pt"]).values())) == 2

@@ -28,14 +28,19 @@ PLOTTED = (
 )
 
 
-def short_label(label: str) -> str:
-    """A checkpoint path as its last two parts (``runs/x/last.pt`` -> ``x/last.pt``); names as is."""
-    parts = Path(label).parts
-    return "/".join(parts[-2:]) if len(parts) > 1 else label
+def short_labels(labels) -> dict[str, str]:
+    """Policy labels as the fewest trailing path parts (at least two) that still tell them apart
+    (``runs/a/last.pt``, ``runs/b/last.pt`` -> ``a/last.pt``, ``b/last.pt``; ``expert`` stays)."""
+    labels = list(labels)
+    for n in range(2, max(len(Path(label).parts) for label in labels) + 1):
+        short = {label: "/".join(Path(label).parts[-n:]) for label in labels}
+        if len(set(short.values())) == len(labels):
+            return short
+    return {label: label for label in labels}
 
 
 def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", short_label(label).replace(".pt", "")).strip("_") or "policy"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(".pt", "")).strip("_") or "policy"
 
 
 def write_all(report: dict, out: Path, videos: dict[str, tuple[np.ndarray, float]]) -> dict:
@@ -46,8 +51,9 @@ def write_all(report: dict, out: Path, videos: dict[str, tuple[np.ndarray, float
     try:
         write_csv(report["episodes"], out / "episodes.csv")
         plot_summary(report, out / "summary.png")
+        short = short_labels(report["summary"])
         for label, (frames, fps) in videos.items():
-            files["videos"][label] = str(write_video(frames, out / f"video_{_slug(label)}", fps))
+            files["videos"][label] = str(write_video(frames, out / f"video_{_slug(short[label])}", fps))
         report = {**report, "files": files}
         tmp = out / ".report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2))
@@ -72,6 +78,7 @@ def plot_summary(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(report["summary"])
+    short = short_labels(labels)
     routes = list(report["routes"])
     width = 0.8 / len(labels)
     x = np.arange(len(routes))
@@ -82,7 +89,7 @@ def plot_summary(report: dict, path: Path) -> None:
             means = [s[key] for s in per_route]
             stds = [s[f"{key}_std"] for s in per_route] if f"{key}_std" in per_route[0] else None
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-                   label=short_label(label))
+                   label=short[label])
         ax.set_title(title)
         ax.set_xticks(x, routes)
         ax.grid(axis="y", alpha=0.3)
@@ -125,11 +132,12 @@ def print_table(report: dict, console=None) -> None:
         table.add_column(name, justify="left" if name in ("policy", "route", "endings") else "right",
                          no_wrap=name != "endings")
     many_routes = len(report["routes"]) > 1
+    short = short_labels(report["summary"])
     for label, summaries in report["summary"].items():
         rows = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
         for route, s in rows:
             table.add_row(
-                short_label(label), route, str(s["episodes"]),
+                short[label], route, str(s["episodes"]),
                 f"{s['route_completion']:.1f}", f"{s['driving_score']:.1f}", f"{s['infraction_penalty']:.2f}",
                 str(s["collisions"]), str(s["off_route_events"]), f"{s['infractions_per_km']:.2f}",
                 f"{s['episode_return']:.2f}", f"{s['length']:.0f}", f"{s['mean_speed']:.1f}",
