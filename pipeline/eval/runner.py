@@ -67,6 +67,7 @@ class EpisodeTask:
 
     @property
     def env_key(self) -> tuple:
+        """The :func:`_env_for` arguments: episodes with equal keys share one env per process."""
         return (self.route, self.vector_fields, self.traffic, self.max_steps, self.simulator)
 
 
@@ -144,7 +145,7 @@ def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
     """Drive one :class:`EpisodeTask` on whatever process runs it."""
     from pipeline.policies import make_policy
 
-    env = _env_for(task.route, task.vector_fields, task.traffic, task.max_steps, task.simulator)
+    env = _env_for(*task.env_key)
     policy_key = (task.policy, task.env_key)
     if policy_key not in _POLICIES:
         _POLICIES[policy_key] = make_policy(task.policy, env)
@@ -340,7 +341,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         # Build every env before writing anything: a CARLA route with no server stops here.
         fps = {}
         for task in tasks:
-            env = _env_for(task.route, task.vector_fields, task.traffic, task.max_steps, task.simulator)
+            env = _env_for(*task.env_key)
             fps[task.route] = float(env.unwrapped.metadata.get("render_fps", 10))
         out = _prepare_out(config.out)
         results = _run_tasks(tasks, config, progress)
