@@ -103,6 +103,81 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 
 # ---------------------------------------------------------------------------------------------
 @cli.command()
+@click.option("--data", default=None, help="Dataset store path or fsspec URL. Without it: pure online.")
+@click.option("--online-mix", type=float, default=0.5, show_default=True,
+              help="Share of each batch from fresh rollouts; 0 = pure offline.")
+@click.option("--route", default=None, help="Route for rollouts [default: the dataset's, else racetrack].")
+@click.option("--steps", type=int, default=100_000, show_default=True, help="Gradient updates.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--online-every", type=int, default=50, show_default=True,
+              help="Updates between rollout chunks; 0 disables rollouts.")
+@click.option("--online-steps", type=int, default=None, help="Env steps per rollout chunk [default: --online-every].")
+@click.option("--exploration-noise", type=float, default=0.1, show_default=True)
+@click.option("--warmup-steps", type=int, default=1000, show_default=True,
+              help="Random-action env steps before learning (pure online only).")
+@click.option("--encoder-update", type=click.Choice(["critic", "actor+critic", "frozen"]), default="critic",
+              show_default=True, help="Which losses train the CNN (frozen = never: the broken baseline).")
+@click.option("--bc-alpha", type=float, default=0.0, show_default=True, help="TD3+BC alpha on offline rows; 0 = off.")
+@click.option("--n-step", type=int, default=3, show_default=True)
+@click.option("--gamma", type=float, default=0.99, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Disable random-shift augmentation.")
+@click.option("--replay-memory", default="4GiB", show_default=True, help="RAM budget for offline frames.")
+@click.option("--online-capacity", type=int, default=100_000, show_default=True, help="Online ring transitions.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the networks.")
+@click.option("--checkpoint-every", type=int, default=10_000, show_default=True)
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every M updates; 0 = never.")
+@click.option("--eval-episodes", type=int, default=2, show_default=True)
+@click.option("--log-every", type=int, default=100, show_default=True)
+@click.option("--vector-fields", default=None, help="Without --data: vector fields, e.g. 'speed'.")
+@click.option("--traffic", type=int, default=None, help="Without --data: other vehicles.")
+@click.option("--out", default=None, help="Run folder [default: runs/<timestamp>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@carla_options
+def train(data, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
+          encoder_update, bc_alpha, n_step, gamma, no_augment, replay_memory, online_capacity, device, compile_,
+          checkpoint_every, eval_every, eval_episodes, log_every, vector_fields, traffic, out, resume, seed, quiet,
+          carla_host, carla_port):
+    """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
+
+    \b
+    Examples:
+      pipeline train --data runs/a.zarr --online-mix 0.5 --out runs/td3
+      pipeline train --data runs/a.zarr --online-mix 0 --bc-alpha 2.5     # pure offline, TD3+BC
+      pipeline train --route racetrack --vector-fields speed --traffic 3  # pure online, image needed
+      pipeline train --out runs/td3 --resume                              # continue after Ctrl-C
+    """
+    from pipeline.train.loop import TrainConfig, train as run_train
+
+    if resume and out is None:
+        raise PipelineError("--resume needs the --out of the run to continue")
+    config = TrainConfig(
+        out=out or _default_run_name(), data=data, route=route, steps=steps, batch_size=batch_size,
+        online_mix=online_mix, online_every=online_every, online_steps=online_steps,
+        exploration_noise=exploration_noise, warmup_steps=warmup_steps, online_capacity=online_capacity,
+        replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,
+        augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
+        eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
+        traffic=traffic, resume=resume, simulator=_carla_kwargs(carla_host, carla_port),
+    )
+    summary = run_train(config, progress=not quiet)
+    recent = summary["recent_return"]
+    click.echo(
+        f"{summary['updates']} updates in {summary['out']} ({summary['updates_per_s']:.1f} updates/s), "
+        f"{summary['env_steps']} env steps, {summary['episodes']} episodes"
+        + (f", recent return {recent:.2f}" if recent is not None else "")
+        + f"; checkpoint {summary['checkpoint']}"
+    )
+    if summary["interrupted"]:
+        click.echo(f"interrupted: saved {summary['checkpoint']}; continue with --resume --out {summary['out']}",
+                   err=True)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command()
 @click.option("--backend", type=click.Choice(["embedded", "carla"]), default=None, help="Only this backend.")
 def routes(backend):
     """List the named routes with backend and length.

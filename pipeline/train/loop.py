@@ -1,0 +1,355 @@
+"""``pipeline train``: end-to-end TD3 from a dataset on disk, mixed with fresh online rollouts.
+
+The whole loop, top to bottom:
+
+1. open the dataset (if any), rebuild the env from its recorded route and observation spec;
+2. build the TD3 agent (vector normalisation from the dataset, or from warm-up steps) and the
+   :class:`~pipeline.datasets.replay.DictReplayBuffer` (offline store + online ring, written to
+   ``<out>/online.zarr`` so fresh rollouts become data too);
+3. repeat: every ``online_every`` updates the current actor (with exploration noise) drives
+   ``online_steps`` env steps into the online source; sample a batch; ``agent.update(batch)``;
+   log; checkpoint every ``checkpoint_every``; evaluate on fixed seeds every ``eval_every``.
+
+Checkpoints (``last.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
+RNG states, written atomically and read with ``weights_only=True``; ``resume`` continues the run.
+Ctrl-C writes ``last.pt`` before exiting.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: str | None = None  # dataset store path/URL; None = pure online
+    route: str | None = None  # default: the dataset's route, else racetrack
+    steps: int = 100_000  # gradient updates
+    batch_size: int = 256
+    online_mix: float = 0.5  # share of each batch from fresh rollouts (forced to 1 without data)
+    online_every: int = 50  # updates between rollout chunks; 0 disables online rollouts
+    online_steps: int | None = None  # env steps per rollout chunk (default: online_every -> 1 step/update)
+    exploration_noise: float = 0.1
+    warmup_steps: int = 1_000  # random-action env steps before learning, when there is no data
+    online_capacity: int = 100_000
+    replay_memory: str = "4GiB"  # RAM budget for the offline frames
+    n_step: int = 3
+    gamma: float = 0.99
+    encoder_update: str = "critic"
+    bc_alpha: float = 0.0
+    augment: bool = True
+    device: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 10_000
+    eval_every: int = 0  # 0 disables periodic evaluation
+    eval_episodes: int = 2
+    log_every: int = 100
+    vector_fields: str | None = None  # only without --data (the dataset's spec wins)
+    traffic: int | None = None
+    resume: bool = False
+    simulator: dict = field(default_factory=dict)  # backend options (CARLA host/port)
+
+
+class RolloutWorker:
+    """Drives the env with the current actor and feeds every transition to the replay buffer."""
+
+    def __init__(self, env, replay, seed: int):
+        self.env, self.replay = env, replay
+        self.episode_seed = seed
+        self.episodes = 0
+        self.env_steps = 0
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.recent_completions: deque[float] = deque(maxlen=20)
+        self._new_episode()
+
+    def _new_episode(self) -> None:
+        self.obs, self.info = self.env.reset(seed=self.episode_seed)
+        self.episode_seed += 1
+        self.episode_return = 0.0
+
+    def run(self, steps: int, act) -> list[dict]:
+        """Drive ``steps`` env steps with ``act(obs) -> action``; returns finished episodes' stats."""
+        finished = []
+        for _ in range(steps):
+            action = act(self.obs)
+            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            self.replay.add(self.obs, action, reward, next_obs, terminated, truncated, info)
+            self.episode_return += reward
+            self.env_steps += 1
+            self.obs, self.info = next_obs, info
+            if terminated or truncated:
+                self.episodes += 1
+                self.recent_returns.append(self.episode_return)
+                self.recent_completions.append(float(info["route_completion"]))
+                finished.append({"return": self.episode_return, "route_completion": info["route_completion"],
+                                 "termination": info["termination"]})
+                self._new_episode()
+        return finished
+
+    def state(self) -> dict:
+        return {"episode_seed": self.episode_seed, "episodes": self.episodes, "env_steps": self.env_steps}
+
+
+class MetricsLog:
+    """TensorBoard scalars plus ``metrics.csv`` (one row per log step, columns grow as keys appear)."""
+
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.csv_path = out / "metrics.csv"
+        self.rows: list[dict] = []
+        if self.csv_path.exists():  # resumed run: keep the history
+            with open(self.csv_path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def log(self, step: int, scalars: dict) -> None:
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        self.rows.append({"update": step, **scalars})
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.csv_path)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state(legacy=False), default=lambda a: a.tolist()),
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = json.loads(state["numpy"])
+    np.random.set_state(np_state)
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _open_dataset(config: TrainConfig):
+    from pipeline.datasets.store import TransitionStore
+
+    if config.data is None:
+        return None
+    return TransitionStore(config.data)
+
+
+def _env_for(config: TrainConfig, store):
+    """Rebuild the env from the dataset's route and obs spec (or the options without data)."""
+    from pipeline.envs import get_route, make_env
+
+    if store is not None:
+        routes = list(store.routes)
+        route = config.route or routes[0]
+        spec = store.obs_spec
+        if config.vector_fields is not None or config.traffic is not None:
+            raise PipelineError("--vector-fields/--traffic come from the dataset when --data is given")
+        env = make_env(route, vector_fields=spec.vector_fields, traffic=spec.traffic,
+                       **(config.simulator if get_route(route).backend == "carla" else {}))
+        spec.check_compatible(env.unwrapped.obs_spec, f"the env of route {route!r}")
+        return env
+    route = config.route or "racetrack"
+    return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic,
+                    **(config.simulator if get_route(route).backend == "carla" else {}))
+
+
+def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-field mean/std of the state vector: from the dataset, else from warm-up observations."""
+    if store is not None and store.num_observations > 0:
+        vectors = np.asarray(store.vector[: store.num_observations], dtype=np.float64)
+    elif warmup:
+        vectors = np.stack(warmup).astype(np.float64)
+    else:
+        dim = env.unwrapped.obs_spec.vector_dim
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    return vectors.mean(0).astype(np.float32), np.maximum(vectors.std(0), 1e-3).astype(np.float32)
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Run (or resume) a training run; returns a summary dict. See the module docstring."""
+    from pipeline.datasets.replay import DictReplayBuffer
+    from pipeline.envs.spec import ActionSpec
+    from pipeline.train.td3 import TD3Agent, TD3Config, resolve_device
+
+    if config.steps <= 0:
+        raise PipelineError(f"--steps must be positive, got {config.steps}")
+    if config.batch_size <= 0:
+        raise PipelineError(f"--batch-size must be positive, got {config.batch_size}")
+    if not 0.0 <= config.online_mix <= 1.0:
+        raise PipelineError(f"--online-mix must be within [0, 1], got {config.online_mix}")
+    out = Path(config.out)
+    last = out / "last.pt"
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise PipelineError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.resume and not last.is_file():
+        raise PipelineError(f"nothing to resume: {last} does not exist")
+    store = _open_dataset(config)
+    # --online-mix 0 with data is pure offline: no rollouts at all
+    online = config.online_every > 0 and (store is None or config.online_mix > 0)
+    if store is None and not online:
+        raise PipelineError("nothing to learn from: give --data, or allow online rollouts (--online-every > 0)")
+    online_mix = 1.0 if store is None else (config.online_mix if online else 0.0)
+    env = _env_for(config, store)
+    spec = env.unwrapped.obs_spec
+    try:  # only now that data and env are good, so a bad command leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create {out}: {e.strerror or e}") from None
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+
+    replay = DictReplayBuffer(
+        offline=store, obs_spec=spec, action_spec=ActionSpec(), online_capacity=config.online_capacity,
+        online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
+        gamma=config.gamma, device=resolve_device(config.device), prefetch=2, seed=config.seed,
+        online_store=str(out / "online.zarr") if online else None,
+    )
+    worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
+    start_update = 0
+    if config.resume:
+        agent = TD3Agent.load(last, map_location=config.device, expected_obs_spec=spec)
+        loop_state = torch.load(last, map_location="cpu", weights_only=True)["loop"]
+        start_update = int(loop_state["update"])
+        if worker is not None:
+            worker.episode_seed = int(loop_state["episode_seed"])
+            worker.episodes = int(loop_state["episodes"])
+            worker.env_steps = int(loop_state["env_steps"])
+            worker._new_episode()
+        _set_rng_state(loop_state["rng"])
+    else:
+        warmup_vectors: list[np.ndarray] = []
+        if store is None:  # pure online: random actions first, so the buffer has a batch to sample
+            rng = np.random.default_rng(config.seed)
+
+            def random_action(obs):
+                warmup_vectors.append(obs["vector"])  # also gives the vector normalisation
+                return rng.uniform(-1, 1, 2).astype(np.float32)
+
+            worker.run(max(config.warmup_steps, config.batch_size), random_action)
+        mean, std = _vector_stats(store, env, warmup_vectors)
+        agent = TD3Agent(spec, ActionSpec(), TD3Config(
+            encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
+            device=config.device, compile=config.compile, seed=config.seed), vector_mean=mean, vector_std=std)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+
+    def save(path: Path, update: int) -> None:
+        loop = {"update": update, "rng": _rng_state(), **(worker.state() if worker else {}),
+                "config": json.dumps(asdict(config), default=str)}
+        agent.save(path, extra={"loop": loop})
+
+    log = MetricsLog(out)
+    online_steps = config.online_steps or config.online_every
+    update = start_update
+    started, last_log_time, last_log_update = time.perf_counter(), time.perf_counter(), start_update
+    interrupted = False
+    latest: dict = {}
+    bar = _TrainProgress(progress, total=config.steps, done=start_update)
+    try:
+        with bar:
+            while update < config.steps:
+                if worker is not None and update % config.online_every == 0:
+                    worker.run(online_steps, lambda obs: agent.select_action(obs, noise=config.exploration_noise))
+                batch = replay.sample(config.batch_size)
+                latest = agent.update(batch)
+                update += 1
+                if update % config.log_every == 0 or update == config.steps:
+                    now = time.perf_counter()
+                    scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
+                    scalars["perf/updates_per_s"] = (update - last_log_update) / max(now - last_log_time, 1e-9)
+                    scalars["perf/replay_wait_s"] = float(getattr(replay, "wait_seconds", 0.0))
+                    if worker is not None:
+                        scalars["rollout/env_steps"] = worker.env_steps
+                        scalars["rollout/episodes"] = worker.episodes
+                        if worker.recent_returns:
+                            scalars["rollout/episode_return"] = float(np.mean(worker.recent_returns))
+                            scalars["rollout/route_completion"] = float(np.mean(worker.recent_completions))
+                    log.log(update, scalars)
+                    last_log_time, last_log_update = now, update
+                    bar.update(update, scalars)
+                if config.eval_every and update % config.eval_every == 0:
+                    log.log(update, _evaluate(agent, env.unwrapped.route.name, config))
+                if update % config.checkpoint_every == 0:
+                    save(out / f"step_{update}.pt", update)
+                    save(last, update)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        save(last, update)
+        replay.close()
+        log.close()
+        env.close()
+    elapsed = time.perf_counter() - started
+    return {
+        "out": str(out),
+        "updates": update,
+        "interrupted": interrupted,
+        "updates_per_s": (update - start_update) / max(elapsed, 1e-9),
+        "env_steps": worker.env_steps if worker else 0,
+        "episodes": worker.episodes if worker else 0,
+        "recent_return": float(np.mean(worker.recent_returns)) if worker and worker.recent_returns else None,
+        "last_metrics": latest,
+        "checkpoint": str(last),
+    }
+
+
+def _evaluate(agent, route: str, config: TrainConfig) -> dict:
+    """Fixed-seed evaluation of the current deterministic policy (``pipeline eval``'s metrics)."""
+    from pipeline.eval.runner import evaluate_agent
+
+    summary = evaluate_agent(agent, [route], episodes=config.eval_episodes, seed=0,
+                             simulator=config.simulator)
+    return {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+class _TrainProgress:
+    """rich progress bar: updates, updates/s, recent return and route completion."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.done, status="")
+        return self
+
+    def update(self, update: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        status = f"{scalars['perf/updates_per_s']:6.1f} upd/s"
+        if "rollout/episode_return" in scalars:
+            status += (f"  return {scalars['rollout/episode_return']:7.2f}"
+                       f"  completion {scalars['rollout/route_completion']:.2f}")
+        self._progress.update(self._task, completed=update, status=status)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._progress.stop()
+        return False
