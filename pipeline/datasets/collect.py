@@ -133,25 +133,16 @@ def _episodes_local(config: CollectConfig, seeds: list[int], stop: threading.Eve
 
 
 def _episodes_dask(config: CollectConfig, seeds: list[int], stop: threading.Event):
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    if config.scheduler:
-        client = Client(config.scheduler, timeout="10s")
-        cluster = None
-    else:
-        cluster = LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=50)
-        client = Client(cluster)
-    try:
+    from pipeline.cluster import dask_client
+
+    with dask_client(config.workers, config.scheduler) as client:
         futures = client.map(run_episode, [config] * len(seeds), seeds, pure=False)
         for future in as_completed(futures):
             if stop.is_set():
                 break
             yield future.result()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def collect(config: CollectConfig, progress: bool = True) -> dict:

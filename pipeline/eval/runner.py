@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
+from pipeline.cluster import dask_client
 from pipeline.envs import Route, get_route, list_routes, make_env
 from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.errors import PipelineError, SimulatorUnavailableError
@@ -235,30 +236,6 @@ def _prepare_out(out: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _dask_client(workers: int, scheduler: str | None):
-    from dask.distributed import Client, LocalCluster
-
-    cluster = None
-    try:
-        if scheduler:
-            client = Client(scheduler, timeout="10s")
-        else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=50)
-            client = Client(cluster)
-    except OSError as exc:
-        if cluster is not None:
-            cluster.close()
-        raise PipelineError(f"cannot reach the dask scheduler {scheduler or 'of a local cluster'}: {exc}") from None
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool) -> list:
     """Results of ``tasks`` in task order, whatever order they finish in."""
     results: list = [None] * len(tasks)
@@ -266,7 +243,7 @@ def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool) -> 
         if config.workers or config.scheduler:
             from dask.distributed import as_completed
 
-            with _dask_client(config.workers, config.scheduler) as client:
+            with dask_client(config.workers, config.scheduler) as client:
                 futures = client.map(run_task, tasks, pure=False)
                 index = {future.key: i for i, future in enumerate(futures)}
                 for future in as_completed(futures):
