@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.envs.spec import N_WAYPOINTS
 from pipeline.errors import PipelineError
 
-SCRIPTED_POLICIES = ("expert", "random")
+SCRIPTED_POLICIES = ("expert", "random", "autopilot")
 
 
 class RandomPolicy:
@@ -69,8 +69,37 @@ class ExpertPolicy:
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
+class AutopilotPolicy:
+    """CARLA's TrafficManager drives the planned route; ``act`` returns the control it applied.
+
+    The TrafficManager decides inside the world tick, so ``act`` runs that tick
+    (``env.autopilot_step()``) and the env's next ``step`` returns its transition and ignores the
+    action: the dataset records the control that actually moved the car, step for step.
+    """
+
+    def __init__(self, env):
+        base = env.unwrapped
+        if not hasattr(base, "enable_autopilot"):
+            raise PipelineError(
+                f"--policy autopilot is CARLA's TrafficManager and needs a CARLA route; "
+                f"on {base.route.name} use --policy expert")
+        base.enable_autopilot()
+        self.env = base
+
+    def reset(self, seed: int | None = None) -> None:
+        pass  # the env seeds the TrafficManager at reset
+
+    def act(self, obs: dict, info: dict) -> np.ndarray:
+        return self.env.autopilot_step()
+
+
 def make_scripted_policy(name: str, env, noise: float = 0.0, seed: int = 0):
-    """``"expert"`` or ``"random"`` for ``env`` (reads the route's cruise speed and vehicle limits)."""
+    """``"expert"``, ``"random"`` or ``"autopilot"`` (CARLA only) for ``env`` (reads the route's
+    cruise speed and vehicle limits)."""
+    if name == "autopilot":
+        if noise > 0:
+            raise PipelineError("--noise does not apply to the autopilot (CARLA chooses its controls)")
+        return AutopilotPolicy(env)
     if name == "random":
         return RandomPolicy(seed)
     if name == "expert":
