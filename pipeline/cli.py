@@ -54,7 +54,7 @@ def _carla_kwargs(host, port) -> dict:
 @click.option("--out", default=None, help="Store path or fsspec URL [default: runs/<timestamp>.zarr].")
 @click.option("--route", default="racetrack", show_default=True, help="Route name (see `pipeline routes`).")
 @click.option("--policy", default="expert", show_default=True,
-              help="expert (scripted route follower), random, or a checkpoint .pt path.")
+              help="expert (scripted route follower), random, autopilot (CARLA TrafficManager), or a checkpoint .pt path.")
 @click.option("--noise", type=float, default=0.0, show_default=True, help="Gaussian action noise std.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Episode i is reset with seed+i.")
 @click.option("--traffic", type=int, default=None, help="Other vehicles (only the image shows them).")
@@ -223,7 +223,7 @@ def info(path, as_json):
 @cli.command("eval")
 @click.option("--checkpoint", "checkpoints", multiple=True,
               help="TD3 checkpoint .pt to evaluate; repeat to compare several side by side.")
-@click.option("--policy", "policies", multiple=True, type=click.Choice(["expert", "random"]),
+@click.option("--policy", "policies", multiple=True, type=click.Choice(["expert", "random", "autopilot"]),
               help="Scripted baseline on the same routes; repeatable [default: expert if no --checkpoint].")
 @click.option("--route", "routes", multiple=True, help="Route name, repeatable [default: racetrack].")
 @click.option("--episodes", type=int, default=5, show_default=True, help="Episodes per policy and route.")

@@ -313,6 +313,7 @@ def test_collect_on_a_carla_route_without_a_server_is_one_line(tmp_path):
     result = run_cli("collect", "--route", "town03", "--episodes", "1", "--out", tmp_path / "a.zarr",
                      "--carla-host", "127.0.0.1", "--carla-port", port, "--quiet", timeout=120)
     assert_one_line_error(result, f"127.0.0.1:{port}", "0.9.16")
+    assert not (tmp_path / "a.zarr").exists(), "no store may be created when the server is unreachable"
 
 
 @pytest.mark.carla

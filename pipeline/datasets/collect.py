@@ -160,6 +160,10 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise PipelineError(f"--workers must be >= 0, got {config.workers}")
     route = get_route(config.route)
     spec = obs_spec_for(route, config.vector_fields, config.traffic)
+    if route.backend == "carla":  # an unreachable server must fail before a store is created
+        from pipeline.envs.carla_env import connect
+
+        connect(**config.simulator)
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
                            mode=config.mode)
     seeds = _pending_seeds(config, writer)

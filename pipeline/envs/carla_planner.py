@@ -23,6 +23,7 @@ import carla
 import networkx as nx
 import numpy as np
 
+from pipeline.envs.driving import resample_polyline
 from pipeline.errors import PipelineError
 
 LaneKey = tuple[int, int, int]
@@ -31,18 +32,6 @@ _START, _GOAL = "start", "goal"
 
 def lane_key(waypoint) -> LaneKey:
     return (waypoint.road_id, waypoint.section_id, waypoint.lane_id)
-
-
-def resample(points: np.ndarray, spacing: float) -> np.ndarray:
-    """Points ``(M, D)`` -> points ``(K, D)`` evenly spaced by ``spacing`` in the x-y plane."""
-    points = np.asarray(points, dtype=np.float64)
-    keep = np.concatenate([[True], np.linalg.norm(np.diff(points[:, :2], axis=0), axis=1) > 1e-6])
-    points = points[keep]
-    cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points[:, :2], axis=0), axis=1))])
-    s = np.arange(0.0, cum[-1], spacing)
-    if cum[-1] - s[-1] > 1e-6:
-        s = np.append(s, cum[-1])
-    return np.stack([np.interp(s, cum, points[:, k]) for k in range(points.shape[1])], axis=1)
 
 
 @dataclass
@@ -165,7 +154,7 @@ class RoutePlanner:
         each ``via`` point to ``goal``; points are (x, y[, z]) in map coordinates."""
         stops = [self.snap(start, start_yaw_deg)] + [self.snap(p) for p in (*via, goal)]
         legs = [self._leg(a, b) for a, b in zip(stops, stops[1:])]
-        return resample(np.concatenate(legs, axis=0), self.resolution)
+        return resample_polyline(np.concatenate(legs, axis=0), self.resolution)
 
     def _leg(self, a, b) -> np.ndarray:
         ka, kb = lane_key(a), lane_key(b)

@@ -21,14 +21,16 @@ def wrap_angle(a: float) -> float:
 
 
 def resample_polyline(points: np.ndarray, spacing: float) -> np.ndarray:
-    """Points ``(M, 2)`` -> evenly spaced points ``(K, 2)`` along the same polyline."""
+    """Points ``(M, D)`` (x, y, then any other columns) -> ``(K, D)`` evenly spaced by ``spacing``
+    along the x-y path; repeated points are dropped."""
     points = np.asarray(points, dtype=np.float64)
-    seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
-    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    steps = np.linalg.norm(np.diff(points[:, :2], axis=0), axis=1)
+    points = points[np.concatenate([[True], steps > 1e-6])]
+    cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points[:, :2], axis=0), axis=1))])
     s = np.arange(0.0, cum[-1], spacing)
     if cum[-1] - s[-1] > 1e-6:
         s = np.append(s, cum[-1])
-    return np.stack([np.interp(s, cum, points[:, 0]), np.interp(s, cum, points[:, 1])], axis=1)
+    return np.stack([np.interp(s, cum, points[:, k]) for k in range(points.shape[1])], axis=1)
 
 
 @dataclass

@@ -40,8 +40,8 @@ class ExpertPolicy:
 
     def __init__(self, vehicle_params: dict, target_speed: float = 10.0, noise: float = 0.0,
                  seed: int = 0, speed_gain: float = 0.5):
-        self.max_steer = float(vehicle_params["max_steer_rad"])
-        self.wheelbase = float(vehicle_params["wheelbase_m"])
+        # kept by reference: CARLA fills in the real car's steering limit and wheelbase at reset
+        self.vehicle_params = vehicle_params
         self.target_speed, self.noise, self.speed_gain = target_speed, noise, speed_gain
         self.rng = np.random.default_rng(seed)
 
@@ -57,8 +57,9 @@ class ExpertPolicy:
         lookahead = float(np.clip(0.6 * abs(speed) + 4.0, 5.0, arc[-1]))
         target = np.array([np.interp(lookahead, arc, path[:, 0]), np.interp(lookahead, arc, path[:, 1])])
         alpha = np.arctan2(target[1], target[0])
-        steer_angle = np.arctan2(2.0 * self.wheelbase * np.sin(alpha), np.linalg.norm(target))
-        steer = steer_angle / self.max_steer
+        wheelbase = float(self.vehicle_params["wheelbase_m"])
+        steer_angle = np.arctan2(2.0 * wheelbase * np.sin(alpha), np.linalg.norm(target))
+        steer = steer_angle / float(self.vehicle_params["max_steer_rad"])
         # slow down ahead of sharp bends: the far waypoints' bearing says how much the road turns
         bend = abs(np.arctan2(path[-1, 1], path[-1, 0]))
         wanted = self.target_speed * float(np.clip(1.2 - bend, 0.6, 1.0))
