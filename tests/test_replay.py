@@ -8,6 +8,7 @@ checked against the episode it came from.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -192,10 +193,21 @@ def test_running_episode_waits_for_its_n_step_target():
         assert {t for _, t in rows} == {0}
 
 
+def test_online_ring_with_short_episodes_keeps_only_whole_transitions():
+    # episodes of 1-3 steps need more frames than steps: frames run out before steps do
+    episodes = [make_episode(200 + i, 1 + i % 3, SPEC) for i in range(120)]
+    with DictReplayBuffer(None, online_capacity=100, obs_spec=SPEC, n_step=2, gamma=GAMMA, prefetch=0,
+                          device="cpu") as buffer:
+        feed(buffer, episodes)
+        assert 0 < len(buffer) < 100
+        rows = check_batch(buffer.sample(256), episodes, 2)
+        assert min(e for e, _ in rows) >= 120 - 100  # only recent episodes
+
+
 def test_online_offline_split(big_store):
     url, episodes = big_store
     fresh = [make_episode(70, 50, SPEC)] + random_episodes(6, seed=7)
-    with DictReplayBuffer(url, online_capacity=500, online_mix=0.3, gamma=GAMMA, prefetch=2,
+    with DictReplayBuffer(url, online_capacity=500, online_mix=0.307, gamma=GAMMA, prefetch=2,
                           device="cpu") as buffer:
         assert buffer.sample(100)["offline"].all()
         feed(buffer, fresh[:1])
@@ -206,7 +218,7 @@ def test_online_offline_split(big_store):
         assert buffer.online_size >= 100
         for _ in range(5):  # batches prefetched before the ring filled are drained
             batch = buffer.sample(100)
-        assert int(batch["offline"].sum()) == 100 - round(0.3 * 100)
+        assert int(batch["offline"].sum()) == 100 - 31  # round(30.7)
         offline = batch["offline"].numpy()
         check_batch({**batch, **_rows(batch, offline)}, episodes, 1)
         check_batch({**batch, **_rows(batch, ~offline)}, fresh, 1)
@@ -277,6 +289,31 @@ def test_threads_stop_on_close_and_exit(big_store):
         assert buffer.wait_seconds > 0  # the first batch had to wait for the thread
         assert ours()
     assert not ours()
+
+
+def test_dropped_buffer_stops_its_threads_and_thread_errors_reach_sample(big_store):
+    url, _ = big_store
+    buffer = DictReplayBuffer(url, online_capacity=0, memory_budget=store_bytes(url) // 4, prefetch=2,
+                              device="cpu")
+    buffer.sample(16)
+    threads = [t for t in threading.enumerate() if t.name.startswith("replay-")]
+    assert len(threads) == 2
+    del buffer  # never closed
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+    def broken_disk():
+        raise OSError("disk gone")
+
+    with DictReplayBuffer(url, online_capacity=0, memory_budget=store_bytes(url) // 4, prefetch=2,
+                          refresh_duty=1.0, device="cpu") as buffer:
+        buffer.offline_source.refresh = broken_disk
+        with pytest.raises(OSError, match="disk gone"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                buffer.sample(16)
 
 
 def test_online_episodes_go_to_the_online_store(tmp_path):

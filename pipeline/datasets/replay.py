@@ -39,6 +39,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -443,6 +444,59 @@ class OnlineRing:
 # The buffer
 
 
+def _nest(flat: dict, k: int) -> dict:
+    """The batch layout the learner reads, from the flat names used while assembling.
+
+    Both images are views of one frame window ``(B, W, H, W)``: its first ``k`` frames are obs,
+    its last ``k`` next_obs (with ``n_step == 1`` they share ``k - 1`` frames, ``W = k + 1``).
+    """
+    return {
+        "obs": {"image": flat["frames"][:, :k], "vector": flat["obs_vector"]},
+        "action": flat["action"],
+        "reward": flat["reward"],
+        "next_obs": {"image": flat["frames"][:, -k:], "vector": flat["next_obs_vector"]},
+        "done": flat["done"],
+        "discount": flat["discount"],
+        "offline": flat["offline"],
+    }
+
+
+# The threads hold no strong reference to the buffer between batches, so a buffer dropped without
+# close() is collected and its __del__ stops them.
+
+
+def _refresh_loop(source: OfflineSource, stop: threading.Event, duty: float, errors: list) -> None:
+    try:
+        while not stop.is_set():
+            started = time.perf_counter()
+            source.refresh()
+            # sleep so that reading takes at most `duty` of the time: sampling keeps its cores
+            stop.wait((time.perf_counter() - started) * (1.0 - duty) / duty)
+    except BaseException as e:  # re-raised by the next sample()
+        errors.append(e)
+
+
+def _prefetch_loop(ref: weakref.ref, stop: threading.Event, out: queue.Queue, errors: list) -> None:
+    try:
+        while not stop.is_set():
+            buffer = ref()
+            if buffer is None:
+                return
+            item = buffer._make_batch(buffer._batch_size)
+            del buffer
+            if item is None:  # nothing to sample yet: wait for add()
+                stop.wait(0.01)
+                continue
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+    except BaseException as e:  # re-raised by the next sample()
+        errors.append(e)
+
+
 class DictReplayBuffer:
     """Replay for dict observations: an offline dataset store mixed with an online ring.
 
@@ -457,7 +511,10 @@ class DictReplayBuffer:
     ``action`` float32 ``(B, A)``, ``reward`` float32 ``(B,)`` (discounted sum over those steps),
     ``done`` float32 ``(B,)`` (1 when the episode terminated within them; truncation bootstraps),
     ``discount`` float32 ``(B,)`` (``gamma ** steps summed``), ``offline`` bool ``(B,)``.
-    The first ``B - round(online_mix * B)`` rows are offline, the rest online, once the online ring
+    Both images are views of one ``(B, W, H, W)`` frame window (obs its first ``K`` frames,
+    next_obs its last ``K``): read them, don't write into them. On CPU a batch's tensors are reused
+    once ``sample`` is called again (fresh pages per batch cost more than the gather): clone what
+    you keep. The first ``B - round(online_mix * B)`` rows are offline, the rest online, once the online ring
     holds at least ``B`` transitions (before that all rows are offline); without an offline store
     every row is online.
 
@@ -521,6 +578,12 @@ class DictReplayBuffer:
         if obs_spec is None:
             raise PipelineError("DictReplayBuffer needs an offline store or an obs_spec")
         self.obs_spec, self.action_spec = obs_spec, action_spec or ActionSpec()
+        # Frames gathered per row, relative to obs's first frame. With n_step == 1 obs and next_obs
+        # share k - 1 frames, so one window of k + 1 frames holds both: 5/8 of the bytes of two
+        # stacks, and sampling is bound by memory bandwidth. With n_step > 1 next_obs is n (<= n_step)
+        # frames on, so the window is two stacks (the second shifted per row in _gather).
+        k = obs_spec.frame_stack
+        self._window = np.arange(k + 1) if n_step == 1 else np.concatenate([np.arange(k), np.arange(k)])
 
         self.online: OnlineRing | None = None
         if online_capacity:
@@ -536,14 +599,18 @@ class DictReplayBuffer:
                                          storage_options=storage_options)
 
         self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self._errors: list[BaseException] = []  # raised in the threads, re-raised by sample()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._batch_size = 0
+        self._pool: list[tuple[dict, object]] = []  # recycled host buffers (see _host_buffers)
+        self._pool_lock = threading.Lock()
+        self._handed_out: dict | None = None
         self._prefetcher: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
         if self.offline_source is not None and self.offline_source.mode == "reservoir" and refresh_duty > 0:
             self._refresher = threading.Thread(
-                target=self._refresh_loop, args=(refresh_duty,), name="replay-refresh", daemon=True)
+                target=_refresh_loop, args=(self.offline_source, self._stop, refresh_duty, self._errors),
+                name="replay-refresh", daemon=True)
             self._refresher.start()
 
     @staticmethod
@@ -592,16 +659,6 @@ class DictReplayBuffer:
         if self.offline_source is not None:
             self.offline_source.refresh()
 
-    def _refresh_loop(self, duty: float) -> None:
-        try:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                self.offline_source.refresh()
-                # sleep so that reading takes at most `duty` of the time: sampling keeps its cores
-                self._stop.wait((time.perf_counter() - started) * (1.0 - duty) / duty)
-        except BaseException as e:  # surfaced by the next sample()
-            self._error = e
-
     # -- sampling
 
     @property
@@ -625,57 +682,79 @@ class DictReplayBuffer:
             return round(self.online_mix * batch_size)
         return 0
 
-    def _empty(self, shape: tuple, dtype: torch.dtype, on_device: bool = False) -> torch.Tensor:
-        if on_device:
-            return torch.empty(shape, dtype=dtype, device=self.device)
+    def _empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         if self._pin:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
-        # numpy's allocations reuse freed heap blocks; torch's CPU allocator page-faults fresh
-        # memory for every batch (~0.3 ms per batch of 256 images).
         return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
 
-    def _assemble(self, batch_size: int) -> dict | None:
-        """One batch on the host (images on the device with ``frames_on_device``), or None."""
+    def _host_buffers(self, b: int) -> dict[str, torch.Tensor]:
+        """Host output tensors for a batch of ``b`` rows (flat names, see :func:`_nest`).
+
+        Buffers are recycled: fresh pages for every batch (~15 MB at 84x84) cost more in page
+        faults than the gather itself. A buffer returns to the pool once its copy to the device is
+        done (CUDA: the event) or, on CPU, where the batch handed out *is* the buffer, when
+        :meth:`sample` is called again.
+        """
+        while True:
+            with self._pool_lock:
+                if not self._pool:
+                    break
+                host, event = self._pool.pop()
+            if len(host["action"]) == b:  # buffers of an old batch size are dropped
+                if event is not None:
+                    event.synchronize()
+                return host
+        k, size = self.obs_spec.frame_stack, self.obs_spec.image_size
+        d, a = self.obs_spec.vector_dim, self.action_spec.dim
+        shapes = {"obs_vector": ((b, d), torch.float32), "next_obs_vector": ((b, d), torch.float32),
+                  "action": ((b, a), torch.float32), "reward": ((b,), torch.float32),
+                  "done": ((b,), torch.float32), "discount": ((b,), torch.float32),
+                  "offline": ((b,), torch.bool)}
+        if not self.frames_on_device:
+            shapes["frames"] = ((b, len(self._window), size, size), torch.uint8)
+        return {name: self._empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+    def _recycle(self, host: dict | None, event=None) -> None:
+        if host is not None:
+            with self._pool_lock:
+                self._pool.append((host, event))
+
+    def _assemble(self, batch_size: int) -> tuple[dict, dict] | None:
+        """One batch as flat tensors, and its host buffers; None when nothing can be sampled yet.
+
+        Everything is on the host except the images with ``frames_on_device``.
+        """
         n_online = self._split(batch_size)
         if n_online is None:
             return None
-        k, size = self.obs_spec.frame_stack, self.obs_spec.image_size
-        b, d, a = batch_size, self.obs_spec.vector_dim, self.action_spec.dim
-        image = (b, k, size, size)
-        batch = {
-            "obs": {"image": self._empty(image, torch.uint8, self.frames_on_device),
-                    "vector": self._empty((b, d), torch.float32)},
-            "action": self._empty((b, a), torch.float32),
-            "reward": self._empty((b,), torch.float32),
-            "next_obs": {"image": self._empty(image, torch.uint8, self.frames_on_device),
-                         "vector": self._empty((b, d), torch.float32)},
-            "done": self._empty((b,), torch.float32),
-            "discount": self._empty((b,), torch.float32),
-            "offline": self._empty((b,), torch.bool),
-        }
-        n_offline = b - n_online
-        batch["offline"].numpy()[:] = np.arange(b) < n_offline
+        b, n_offline = batch_size, batch_size - n_online
+        host = self._host_buffers(b)
+        batch = dict(host)
+        if self.frames_on_device:
+            size = self.obs_spec.image_size
+            batch["frames"] = torch.empty((b, len(self._window), size, size), dtype=torch.uint8, device=self.device)
+        host["offline"].numpy()[:] = np.arange(b) < n_offline
         for source, rows in ((self.offline_source, slice(0, n_offline)), (self.online, slice(n_offline, b))):
             if rows.stop > rows.start:
                 with source.lock:
                     self._gather(source, source.pick(self.rng, rows.stop - rows.start), batch, rows)
-        return batch
+        return batch, host
 
     def _gather(self, src, rows: Rows, batch: dict, out: slice) -> None:
-        """Fill rows ``out`` of ``batch`` with the transitions at ``rows`` of source ``src``."""
-        stack = np.arange(self.obs_spec.frame_stack)
+        """Fill rows ``out`` of the flat ``batch`` with the transitions at ``rows`` of ``src``."""
+        frame_idx = rows.frame[:, None] + self._window
+        if self.n_step > 1:  # the second half of the window is next_obs, n frames on
+            frame_idx[:, self.obs_spec.frame_stack :] += rows.n[:, None]
+        frames = batch["frames"][out]
+        if isinstance(src.frames, np.ndarray):
+            np.take(src.frames, frame_idx, axis=0, out=frames.numpy(), mode="wrap")
+        else:
+            idx = torch.from_numpy(frame_idx.reshape(-1) % len(src.frames)).to(src.frames.device)
+            torch.index_select(src.frames, 0, idx, out=frames.view(-1, *frames.shape[2:]))
         for key, shift in (("obs", 0), ("next_obs", rows.n)):
-            frame_idx = (rows.frame + shift)[:, None] + stack
-            image = batch[key]["image"][out]
-            if isinstance(src.frames, np.ndarray):
-                np.take(src.frames, frame_idx, axis=0, out=image.numpy(), mode="wrap")
-            else:
-                idx = torch.from_numpy(frame_idx.reshape(-1) % len(src.frames)).to(src.frames.device)
-                torch.index_select(src.frames, 0, idx, out=image.view(-1, *image.shape[2:]))
-            np.take(src.vector, rows.obs + shift, axis=0, out=batch[key]["vector"].numpy()[out], mode="wrap")
+            np.take(src.vector, rows.obs + shift, axis=0, out=batch[f"{key}_vector"].numpy()[out], mode="wrap")
         np.take(src.action, rows.step, axis=0, out=batch["action"].numpy()[out], mode="wrap")
-        last = rows.step + rows.n - 1
-        batch["done"].numpy()[out] = np.take(src.terminated, last, mode="wrap")
+        batch["done"].numpy()[out] = np.take(src.terminated, rows.step + rows.n - 1, mode="wrap")
         batch["discount"].numpy()[out] = self._gammas[rows.n]
         if self.n_step == 1:
             np.take(src.reward, rows.step, out=batch["reward"].numpy()[out], mode="wrap")
@@ -685,86 +764,71 @@ class DictReplayBuffer:
             r = np.take(src.reward, rows.step[:, None] + j, mode="wrap")
             batch["reward"].numpy()[out] = np.where(j < rows.n[:, None], r * self._gammas[:-1], 0.0).sum(1)
 
-    def _to_device(self, batch: dict) -> tuple[dict, torch.cuda.Event | None]:
-        if self.device.type == "cpu":
-            return batch, None
-        def move(x):
-            return {k: move(v) for k, v in x.items()} if isinstance(x, dict) else x.to(self.device, non_blocking=True)
+    def _make_batch(self, batch_size: int) -> tuple | None:
+        """``(batch_size, flat batch on the device, CUDA event or None, host buffers to recycle
+        once the consumer is done, or None)``, or None when nothing can be sampled yet."""
         if self._stream is None:
-            return move(batch), None
-        with torch.cuda.stream(self._stream):
-            batch = move(batch)
+            made = self._assemble(batch_size)
+            return None if made is None else (batch_size, made[0], None, made[1])
+        with torch.cuda.stream(self._stream):  # gathers on the device and copies overlap the learner
+            made = self._assemble(batch_size)
+            if made is None:
+                return None
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in made[0].items()}
             event = torch.cuda.Event()
             event.record(self._stream)
-        return batch, event
-
-    def _prefetch_loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                batch_size = self._batch_size
-                batch = None
-                if self._stream is not None:
-                    with torch.cuda.stream(self._stream):  # device gathers run on the side stream
-                        batch = self._assemble(batch_size)
-                else:
-                    batch = self._assemble(batch_size)
-                if batch is None:  # nothing to sample yet: wait for add()
-                    self._stop.wait(0.01)
-                    continue
-                item = (batch_size, *self._to_device(batch))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-        except BaseException as e:  # surfaced by the next sample()
-            self._error = e
+        self._recycle(made[1], event)  # reusable once the copy is done
+        return batch_size, batch, event, None
 
     def _raise_thread_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self._errors:
+            raise self._errors.pop(0)
 
     def sample(self, batch_size: int) -> dict:
-        """A batch of ``batch_size`` transitions (see the class docstring for the fields)."""
+        """A batch of ``batch_size`` transitions (see the class docstring for the fields).
+
+        On CPU the batch's tensors are reused by a later batch once ``sample`` is called again:
+        clone what you keep. On CUDA every batch is new device memory.
+        """
         if self._stop.is_set():
             raise RuntimeError("the replay buffer is closed")
         self._raise_thread_error()
         if self._split(batch_size) is None and self._queue.empty():
             raise RuntimeError("nothing to sample yet: the online ring holds no complete transition")
         if self.prefetch == 0:
-            batch, event = self._to_device(self._assemble(batch_size))
-            return self._ready(batch, event)
-        if batch_size != self._batch_size:
-            self._batch_size = batch_size  # queued batches of the old size are dropped below
+            return self._hand_out(self._make_batch(batch_size))
+        self._batch_size = batch_size  # queued batches of another size are dropped below
         if self._prefetcher is None:
-            self._prefetcher = threading.Thread(target=self._prefetch_loop, name="replay-prefetch", daemon=True)
+            self._prefetcher = threading.Thread(
+                target=_prefetch_loop, args=(weakref.ref(self), self._stop, self._queue, self._errors),
+                name="replay-prefetch", daemon=True)
             self._prefetcher.start()
         started = time.perf_counter()
         try:
             while True:
                 try:
-                    size, batch, event = self._queue.get(timeout=0.1)
+                    item = self._queue.get(timeout=0.1)
                 except queue.Empty:
                     self._raise_thread_error()
                     if not self._prefetcher.is_alive():
                         raise RuntimeError("the replay prefetch thread stopped") from None
                     continue
-                if size == batch_size:
-                    return self._ready(batch, event)
+                if item[0] == batch_size:
+                    return self._hand_out(item)
+                self._recycle(item[3])
         finally:
             self.wait_seconds += time.perf_counter() - started
 
-    def _ready(self, batch: dict, event) -> dict:
+    def _hand_out(self, item: tuple) -> dict:
+        _, batch, event, host = item
+        self._recycle(self._handed_out)  # the previous batch's buffers: the caller is done with them
+        self._handed_out = host
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
-            def mark(x):  # tensors made on the side stream are now used on this one
-                for v in x.values():
-                    mark(v) if isinstance(v, dict) else v.record_stream(stream)
-            mark(batch)
-        return batch
+            for tensor in batch.values():  # made on the side stream, used on this one
+                tensor.record_stream(stream)
+        return _nest(batch, self.obs_spec.frame_stack)
 
     # -- sizes and shutdown
 
@@ -782,6 +846,11 @@ class DictReplayBuffer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def __del__(self) -> None:  # a buffer dropped without close(): its threads stop on their own
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def __enter__(self) -> "DictReplayBuffer":
         return self

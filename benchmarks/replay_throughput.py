@@ -1,0 +1,171 @@
+"""Replay sampling throughput and RAM: our DictReplayBuffer against stable-baselines3's.
+
+In one process: writes a synthetic store with EpisodeWriter (random 84x84 frames, the default
+23-field vector), fills SB3's in-RAM DictReplayBuffer with the same transitions, and samples
+batches of 256 from each, the same number of batches per side, interleaving repeats so both see
+the same machine load:
+
+- ours, store loaded in memory, prefetch thread on (and, for reference, off);
+- ours in reservoir mode: a memory budget of 1/4 of what the store needs, refresh thread running;
+- SB3 ``DictReplayBuffer`` (obs and next_obs stacks stored per transition).
+
+Resident bytes are the stored arrays' nbytes. Needs the ``bench`` extra (stable-baselines3).
+
+    python benchmarks/replay_throughput.py [--episodes 200] [--steps 200] [--batches 200]
+
+Last line: sample_ratio_vs_sb3=<ours/sb3 samples per s> ram_ratio_vs_sb3=<our bytes / sb3 bytes>
+reservoir_ratio_vs_sb3=<reservoir samples per s / sb3>
+(targets: >= 2.0, <= 0.125, >= 1.0). Figures also go to benchmarks/results/replay_throughput.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.datasets.episode import Episode
+from pipeline.datasets.replay import DictReplayBuffer
+from pipeline.datasets.store import EpisodeWriter
+from pipeline.envs.spec import ActionSpec, ObsSpec
+
+RESULTS = Path(__file__).resolve().parent / "results" / "replay_throughput.txt"
+
+
+def synthetic_episodes(episodes: int, steps: int, spec: ObsSpec, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    k, s, d = spec.frame_stack, spec.image_size, spec.vector_dim
+    for i in range(episodes):
+        terminated = np.zeros(steps, bool)
+        truncated = np.zeros(steps, bool)
+        (terminated if i % 2 else truncated)[-1] = True
+        yield Episode(
+            frames=rng.integers(0, 256, (k + steps, s, s), dtype=np.uint8),
+            vector=rng.standard_normal((steps + 1, d)).astype(np.float32),
+            action=rng.uniform(-1, 1, (steps, 2)).astype(np.float32),
+            reward=rng.standard_normal(steps).astype(np.float32),
+            terminated=terminated,
+            truncated=truncated,
+            route="synthetic",
+            seed=i,
+            termination="collision" if i % 2 else "timeout",
+        )
+
+
+def write_store(url: str, episodes: int, steps: int, spec: ObsSpec) -> None:
+    with EpisodeWriter(url, spec, meta={"policy": "synthetic"}) as writer:
+        for episode in synthetic_episodes(episodes, steps, spec):
+            writer.append(episode)
+
+
+def sb3_buffer(episodes: int, steps: int, spec: ObsSpec):
+    from stable_baselines3.common.buffers import DictReplayBuffer as SB3DictReplayBuffer
+
+    buffer = SB3DictReplayBuffer(
+        episodes * steps, spec.observation_space(), ActionSpec().action_space(), device="cpu", n_envs=1
+    )
+    for ep in synthetic_episodes(episodes, steps, spec):
+        for t in range(ep.length):
+            obs, nxt = ep.observation(t), ep.observation(t + 1)
+            buffer.add(
+                {k: v[None] for k, v in obs.items()}, {k: v[None] for k, v in nxt.items()},
+                ep.action[t][None], ep.reward[t : t + 1], np.array([ep.terminated[t] or ep.truncated[t]]),
+                [{"TimeLimit.truncated": bool(ep.truncated[t])}],
+            )
+    arrays = [*buffer.observations.values(), *buffer.next_observations.values(),
+              buffer.actions, buffer.rewards, buffer.dones, buffer.timeouts]
+    return buffer, sum(a.nbytes for a in arrays)
+
+
+def samples_per_s(sample, batch: int, batches: int) -> float:
+    for _ in range(5):  # warm-up: first batches, prefetch queue
+        sample(batch)
+    started = time.perf_counter()
+    for _ in range(batches):
+        sample(batch)
+    return batch * batches / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    spec = ObsSpec()
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = os.path.join(tmp, "bench.zarr")
+        started = time.perf_counter()
+        write_store(url, args.episodes, args.steps, spec)
+        n = args.episodes * args.steps
+        say(f"store: {args.episodes} episodes x {args.steps} steps = {n} transitions, "
+            f"written in {time.perf_counter() - started:.1f} s")
+        sb3, sb3_bytes = sb3_buffer(args.episodes, args.steps, spec)
+        memory = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=4)
+        plain = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=0)
+        budget = memory.nbytes // 4
+        assert memory.offline_source.mode == "memory"
+
+        def reservoir_sample(batch: int, _state: dict = {}):
+            return _state["buffer"].sample(batch)
+
+        # The reservoir buffer lives only while it is measured, so its refresh thread does not
+        # take CPU from the other contenders.
+        contenders = {"sb3": sb3.sample, "ours": memory.sample, "ours_no_prefetch": plain.sample,
+                      "reservoir": reservoir_sample}
+        rates: dict[str, list[float]] = {name: [] for name in contenders}
+        refreshes, waited = 0, 0.0
+        for _ in range(args.repeats):
+            for name, sample in contenders.items():
+                if name != "reservoir":
+                    rates[name].append(samples_per_s(sample, args.batch, args.batches))
+                    continue
+                with DictReplayBuffer(url, online_capacity=0, memory_budget=budget, device="cpu",
+                                      prefetch=4) as reservoir:
+                    reservoir_sample.__defaults__[0]["buffer"] = reservoir
+                    rates[name].append(samples_per_s(sample, args.batch, args.batches))
+                    source = reservoir.offline_source
+                    refreshes += source.refreshes
+                    waited += reservoir.wait_seconds
+                    reservoir_bytes = reservoir.nbytes
+        assert source.mode == "reservoir"
+        say(f"reservoir: budget {budget} bytes = 1/4 of the store, {source.n_slots} slots of "
+            f"{source.segment_frames} frames, {reservoir_bytes} bytes resident, {refreshes} refreshes "
+            f"while sampling ({source.segments_per_cycle} per cycle), sample() waited {waited:.2f} s")
+        median = {name: statistics.median(r) for name, r in rates.items()}
+        for name, r in rates.items():
+            say(f"{name:>17}: {median[name]:>9,.0f} samples/s (median of {', '.join(f'{x:,.0f}' for x in r)})")
+        say(f"resident bytes per transition: ours {memory.nbytes / n:,.0f}, sb3 {sb3_bytes / n:,.0f}, "
+            f"reservoir {reservoir_bytes / n:,.0f}")
+        memory.close()
+        plain.close()
+
+    say(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, CPU only" if not torch.cuda.is_available() else
+        f"machine: {os.cpu_count()} cores, {torch.cuda.get_device_name()}")
+    say(f"sample_ratio_vs_sb3={median['ours'] / median['sb3']:.2f} "
+        f"ram_ratio_vs_sb3={memory.nbytes / sb3_bytes:.4f} "
+        f"reservoir_ratio_vs_sb3={median['reservoir'] / median['sb3']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
