@@ -83,9 +83,10 @@ class TopDownCamera:
         view.blit(self.track, (-dx, -dy))
         for vehicle in road.vehicles:
             VehicleGraphics.display(vehicle, view, offscreen=True)
-        rgb = pygame.surfarray.pixels3d(view)  # (x, y, 3) view, no copy
+        # array3d copies (x, y, 3); a pixels3d view would keep the surface locked, and a locked
+        # surface cannot be blitted onto at the next frame
+        rgb = pygame.surfarray.array3d(view)
         gray = np.tensordot(rgb, GRAY_WEIGHTS, axes=([2], [0])).clip(0, 255).astype(np.uint8)
-        del rgb  # release the surface lock
         return np.ascontiguousarray(gray.T)
 
 
