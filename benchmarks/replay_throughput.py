@@ -118,7 +118,7 @@ def main() -> None:
         say(f"store: {args.episodes} episodes x {args.steps} steps = {n} transitions, "
             f"written in {time.perf_counter() - started:.1f} s")
         sb3, sb3_bytes = sb3_buffer(args.episodes, args.steps, spec)
-        memory = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=4)
+        memory = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=2)
         plain = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=0)
         budget = memory.nbytes // 4
         assert memory.offline_source.mode == "memory"
@@ -138,7 +138,7 @@ def main() -> None:
                     rates[name].append(samples_per_s(sample, args.batch, args.batches))
                     continue
                 with DictReplayBuffer(url, online_capacity=0, memory_budget=budget, device="cpu",
-                                      prefetch=4) as reservoir:
+                                      prefetch=2) as reservoir:
                     reservoir_sample.__defaults__[0]["buffer"] = reservoir
                     rates[name].append(samples_per_s(sample, args.batch, args.batches))
                     source = reservoir.offline_source
@@ -151,7 +151,8 @@ def main() -> None:
             f"while sampling ({source.segments_per_cycle} per cycle), sample() waited {waited:.2f} s")
         median = {name: statistics.median(r) for name, r in rates.items()}
         for name, r in rates.items():
-            say(f"{name:>17}: {median[name]:>9,.0f} samples/s (median of {', '.join(f'{x:,.0f}' for x in r)})")
+            runs = ", ".join(f"{x:,.0f}" for x in r)
+            say(f"{name:>17}: {median[name]:>9,.0f} samples/s (median of {runs})")
         say(f"resident bytes per transition: ours {memory.nbytes / n:,.0f}, sb3 {sb3_bytes / n:,.0f}, "
             f"reservoir {reservoir_bytes / n:,.0f}")
         memory.close()

@@ -99,20 +99,24 @@ def store_bytes(url: str) -> int:
 
 
 @pytest.mark.parametrize(
-    "mode, n_step, prefetch",
-    [("memory", 1, 0), ("memory", 4, 2), ("reservoir", 3, 2), ("device_frames", 2, 0), ("online", 3, 2)],
+    "mode, n_step, prefetch, on_device",
+    [("memory", 1, 0, False), ("memory", 4, 2, False), ("reservoir", 3, 2, False), ("online", 3, 2, False),
+     # frames in a torch tensor (on CPU here; on the GPU with CUDA): the torch gather and write paths
+     ("memory", 2, 0, True), ("reservoir", 1, 0, True), ("online", 1, 2, True)],
 )
-def test_sampled_rows_are_the_stored_transitions(big_store, mode, n_step, prefetch):
+def test_sampled_rows_are_the_stored_transitions(big_store, mode, n_step, prefetch, on_device):
     url, episodes = big_store
-    kwargs = dict(n_step=n_step, gamma=GAMMA, prefetch=prefetch, device="cpu", seed=3)
+    kwargs = dict(n_step=n_step, gamma=GAMMA, prefetch=prefetch, device="cpu", seed=3,
+                  frames_on_device=on_device)
     if mode == "online":
         buffer = DictReplayBuffer(None, online_capacity=1000, obs_spec=SPEC, **kwargs)
         feed(buffer, episodes[:40])
     else:
         budget = store_bytes(url) // 4 if mode == "reservoir" else "1GiB"
-        buffer = DictReplayBuffer(url, online_capacity=0, memory_budget=budget, refresh_duty=1.0,
-                                  frames_on_device=mode == "device_frames", **kwargs)
-        assert buffer.offline_source.mode == ("reservoir" if mode == "reservoir" else "memory")
+        buffer = DictReplayBuffer(url, online_capacity=0, memory_budget=budget, refresh_duty=1.0, **kwargs)
+        assert buffer.offline_source.mode == mode
+    assert isinstance(buffer.offline_source.frames if mode != "online" else buffer.online.frames,
+                      torch.Tensor if on_device else np.ndarray)
     with buffer:
         seen = set()
         for _ in range(8):
@@ -163,7 +167,8 @@ def test_n_step_targets_by_hand(tmp_path, source):
     episodes = [hand_episode([1, 2, 3, 4, 5], True, 11), hand_episode([10, 20, 30], False, 12)]
     kwargs = dict(n_step=3, gamma=0.5, prefetch=0, device="cpu")
     if source == "offline":
-        buffer = DictReplayBuffer(write_store(tmp_path / "hand.zarr", episodes), online_capacity=0, **kwargs)
+        url = write_store(tmp_path / "hand.zarr", episodes)
+        buffer = DictReplayBuffer(url, online_capacity=0, **kwargs)
     else:
         buffer = DictReplayBuffer(None, online_capacity=50, obs_spec=SPEC, **kwargs)
         feed(buffer, episodes)
@@ -176,7 +181,8 @@ def test_n_step_targets_by_hand(tmp_path, source):
         assert batch["reward"][i].item() == pytest.approx(reward)
         assert batch["discount"][i].item() == pytest.approx(discount)
         assert batch["done"][i].item() == done
-        np.testing.assert_array_equal(batch["next_obs"]["image"][i].numpy(), episodes[e].observation(nxt)["image"])
+        next_image = episodes[e].observation(nxt)["image"]
+        np.testing.assert_array_equal(batch["next_obs"]["image"][i].numpy(), next_image)
 
 
 def test_running_episode_waits_for_its_n_step_target():
@@ -191,6 +197,16 @@ def test_running_episode_waits_for_its_n_step_target():
         assert len(buffer) == 1  # only step 0 has its 3 steps
         rows = check_batch(buffer.sample(16), episodes, 3)
         assert {t for _, t in rows} == {0}
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cpu_batches_recycle_their_buffers(big_store, prefetch):
+    # fresh pages for every batch cost more than the gather; the contract is "clone what you keep"
+    url, episodes = big_store
+    with DictReplayBuffer(url, online_capacity=0, prefetch=prefetch, device="cpu") as buffer:
+        pointers = {buffer.sample(32)["obs"]["image"].data_ptr() for _ in range(20)}
+        assert len(pointers) <= prefetch + 2
+        check_batch(buffer.sample(32), episodes, 1, gamma=0.99)
 
 
 def test_online_ring_with_short_episodes_keeps_only_whole_transitions():
@@ -351,7 +367,8 @@ def test_spec_mismatch_is_refused(big_store):
 
 def test_bad_arguments_are_one_line_errors(big_store):
     url, _ = big_store
-    assert parse_bytes("1.5KiB") == 1536 and parse_bytes("2MB") == 2_000_000 and parse_bytes("8G") == 8 * 2**30
+    assert parse_bytes("1.5KiB") == 1536 and parse_bytes("2MB") == 2_000_000
+    assert parse_bytes("8G") == 8 * 2**30 and parse_bytes(4096) == 4096
     for bad in ("lots", "-3GB", "0"):
         with pytest.raises(PipelineError, match="memory"):
             parse_bytes(bad)

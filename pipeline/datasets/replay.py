@@ -116,9 +116,10 @@ class Rows:
 # Offline source
 
 
-def _read_frames_into(store: TransitionStore, start: int, stop: int, dest) -> None:
+def _read_frames_into(store: TransitionStore, start: int, stop: int, dest, advance=None) -> None:
     """Decode committed frames ``[start, stop)`` of ``store`` into ``dest`` (numpy or torch,
-    ``stop - start`` rows) without a whole-range temporary, ``_READ_CHUNKS`` chunks at a time."""
+    ``stop - start`` rows) without a whole-range temporary, ``_READ_CHUNKS`` chunks at a time;
+    ``advance(frames)`` after each read (progress)."""
     step = store.frames.chunks[0] * _READ_CHUNKS
     for a in range(start, stop, step):
         b = min(a + step, stop)
@@ -127,6 +128,8 @@ def _read_frames_into(store: TransitionStore, start: int, stop: int, dest) -> No
             store.frames.get_basic_selection(slice(a, b), out=out)
         else:
             dest[a - start : b - start].copy_(torch.from_numpy(store.read_frames(a, b)))
+        if advance is not None:
+            advance(b - a)
 
 
 class OfflineSource:
@@ -229,30 +232,27 @@ class OfflineSource:
         return start, stop
 
     def _fill(self, progress: bool | None) -> None:
+        """Load the first segments (the whole store in memory mode), sequentially."""
         n_load = min(self.n_slots, self.segments_per_cycle)
         total = min(self.n_slots * self.segment_frames, self.store.num_frames)
-        show = progress if progress is not None else (total * self.frames[0].nbytes > 2**30 and sys.stderr.isatty())
-        bar = None
-        if show:
+        if progress is None:
+            progress = total * self.store.obs_spec.image_size**2 > 2**30 and sys.stderr.isatty()
+        if not progress:
+            for slot in range(n_load):
+                self._load_slot(slot, *self._next_segment())
+        else:
             from rich.console import Console
             from rich.progress import Progress
 
-            bar = Progress(console=Console(stderr=True), transient=True)
-            bar.start()
-            task = bar.add_task(f"loading {self.store.url}", total=n_load)
-        try:
-            for slot in range(n_load):
-                self._load_slot(slot, *self._next_segment())
-                if bar:
-                    bar.advance(task)
-        finally:
-            if bar:
-                bar.stop()
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task(f"loading {self.store.url}", total=total)
+                for slot in range(n_load):
+                    self._load_slot(slot, *self._next_segment(), advance=lambda n: bar.advance(task, n))
         self._oldest = n_load % self.n_slots
 
-    def _load_slot(self, slot: int, start: int, stop: int) -> None:
+    def _load_slot(self, slot: int, start: int, stop: int, advance=None) -> None:
         base = slot * self.segment_frames
-        _read_frames_into(self.store, start, stop, self.frames[base : base + stop - start])
+        _read_frames_into(self.store, start, stop, self.frames[base : base + stop - start], advance)
         _sync_device(self.frames)
         lo, hi = self._valid_range(start, stop)
         with self.lock:
@@ -314,7 +314,8 @@ class OfflineSource:
         e = np.searchsorted(self.ep_step, g, side="right") - 1  # empty episodes share a step_offset
         t = g - self.ep_step[e]
         local = slot * self.segment_frames + self.ep_frame[e] + t - self.slot_start[slot]
-        return Rows(frame=local, obs=self.ep_obs[e] + t, step=g, n=np.minimum(self.n_step, self.ep_len[e] - t))
+        n = np.minimum(self.n_step, self.ep_len[e] - t)
+        return Rows(frame=local, obs=self.ep_obs[e] + t, step=g, n=n)
 
     @property
     def nbytes(self) -> int:
@@ -376,7 +377,8 @@ class OnlineRing:
             if new_episode:
                 self.end_episode()
                 image = np.asarray(obs["image"], np.uint8)
-                _write_frames(self.frames, (self.frames_written + np.arange(self.k)) % len(self.frames), image)
+                stack = (self.frames_written + np.arange(self.k)) % len(self.frames)
+                _write_frames(self.frames, stack, image)
                 self.vector[self.obs_written % len(self.vector)] = obs["vector"]
                 self.frames_written += self.k
                 self.obs_written += 1
@@ -390,7 +392,8 @@ class OnlineRing:
             self.terminated[slot] = terminated
             self._last_frame = np.array(next_obs["image"][-1], np.uint8)
             self._last_vector = np.array(next_obs["vector"], np.float32)
-            _write_frames(self.frames, np.array([self.frames_written % len(self.frames)]), self._last_frame[None])
+            newest = np.array([self.frames_written % len(self.frames)])
+            _write_frames(self.frames, newest, self._last_frame[None])
             self.vector[self.obs_written % len(self.vector)] = self._last_vector
             self.frames_written += 1
             self.obs_written += 1
@@ -408,7 +411,9 @@ class OnlineRing:
         self.episode_first = None
 
     def _evict(self) -> None:
-        c, oldest_frame, oldest_obs = self.capacity, self.frames_written - len(self.frames), self.obs_written - len(self.vector)
+        c = self.capacity
+        oldest_frame = self.frames_written - len(self.frames)
+        oldest_obs = self.obs_written - len(self.vector)
         self.lo = max(self.lo, self.steps_written - c)
         while self.lo < self.steps_written and (
             self.frame_of[self.lo % c] < oldest_frame or self.obs_of[self.lo % c] < oldest_obs
@@ -514,9 +519,9 @@ class DictReplayBuffer:
     Both images are views of one ``(B, W, H, W)`` frame window (obs its first ``K`` frames,
     next_obs its last ``K``): read them, don't write into them. On CPU a batch's tensors are reused
     once ``sample`` is called again (fresh pages per batch cost more than the gather): clone what
-    you keep. The first ``B - round(online_mix * B)`` rows are offline, the rest online, once the online ring
-    holds at least ``B`` transitions (before that all rows are offline); without an offline store
-    every row is online.
+    you keep. The first ``B - round(online_mix * B)`` rows are offline, the rest online, once the
+    online ring holds at least ``B`` transitions (before that all rows are offline); without an
+    offline store every row is online.
 
     Arguments: ``offline`` a :class:`TransitionStore`, a store URL or None; ``online_capacity``
     transitions in the ring (0: no online source); ``memory_budget`` bytes (or "8GiB") for the
@@ -574,7 +579,8 @@ class DictReplayBuffer:
             store = offline if isinstance(offline, TransitionStore) else TransitionStore(
                 str(offline), storage_options)
             obs_spec, action_spec = self._check_specs(store, obs_spec, action_spec)
-            self.offline_source = OfflineSource(store, parse_bytes(memory_budget), n_step, frame_device, progress)
+            self.offline_source = OfflineSource(
+                store, parse_bytes(memory_budget), n_step, frame_device, progress)
         if obs_spec is None:
             raise PipelineError("DictReplayBuffer needs an offline store or an obs_spec")
         self.obs_spec, self.action_spec = obs_spec, action_spec or ActionSpec()
@@ -587,9 +593,10 @@ class DictReplayBuffer:
 
         self.online: OnlineRing | None = None
         if online_capacity:
-            self.online = OnlineRing(online_capacity, self.obs_spec, self.action_spec.dim, n_step, frame_device)
+            self.online = OnlineRing(
+                online_capacity, self.obs_spec, self.action_spec.dim, n_step, frame_device)
         if self.offline_source is None and self.online is None:
-            raise PipelineError("DictReplayBuffer has no source: give an offline store or online_capacity > 0")
+            raise PipelineError("DictReplayBuffer has no source: give an offline store or online_capacity")
         self._writer = None
         self._recorder: EpisodeRecorder | None = None
         self.online_episodes = 0
@@ -732,9 +739,11 @@ class DictReplayBuffer:
         batch = dict(host)
         if self.frames_on_device:
             size = self.obs_spec.image_size
-            batch["frames"] = torch.empty((b, len(self._window), size, size), dtype=torch.uint8, device=self.device)
+            window = (b, len(self._window), size, size)
+            batch["frames"] = torch.empty(window, dtype=torch.uint8, device=self.device)
         host["offline"].numpy()[:] = np.arange(b) < n_offline
-        for source, rows in ((self.offline_source, slice(0, n_offline)), (self.online, slice(n_offline, b))):
+        parts = ((self.offline_source, slice(0, n_offline)), (self.online, slice(n_offline, b)))
+        for source, rows in parts:
             if rows.stop > rows.start:
                 with source.lock:
                     self._gather(source, source.pick(self.rng, rows.stop - rows.start), batch, rows)
@@ -752,7 +761,8 @@ class DictReplayBuffer:
             idx = torch.from_numpy(frame_idx.reshape(-1) % len(src.frames)).to(src.frames.device)
             torch.index_select(src.frames, 0, idx, out=frames.view(-1, *frames.shape[2:]))
         for key, shift in (("obs", 0), ("next_obs", rows.n)):
-            np.take(src.vector, rows.obs + shift, axis=0, out=batch[f"{key}_vector"].numpy()[out], mode="wrap")
+            vector = batch[f"{key}_vector"].numpy()[out]
+            np.take(src.vector, rows.obs + shift, axis=0, out=vector, mode="wrap")
         np.take(src.action, rows.step, axis=0, out=batch["action"].numpy()[out], mode="wrap")
         batch["done"].numpy()[out] = np.take(src.terminated, rows.step + rows.n - 1, mode="wrap")
         batch["discount"].numpy()[out] = self._gammas[rows.n]
