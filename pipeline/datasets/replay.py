@@ -33,6 +33,7 @@ image stacks there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -78,11 +79,40 @@ def _nbytes(array) -> int:
     return int(array.nbytes) if isinstance(array, np.ndarray) else array.numel() * array.element_size()
 
 
-def _sync_device(frames) -> None:
-    """Frames on a CUDA device were written on this thread's stream; make the writes visible to
-    the prefetch thread's stream before anything samples them."""
-    if isinstance(frames, torch.Tensor) and frames.is_cuda:
-        torch.cuda.current_stream(frames.device).synchronize()
+class _DeviceOrder:
+    """Orders writes and gathers of frames held on a CUDA device, on the GPU, without host waits.
+
+    Gathers run asynchronously on the prefetch thread's stream, so a write may only replace frames
+    once the gathers queued before it are done, and a gather must see the writes before it.
+    Writes go to their own stream (``with order.writing(): ...``); waiting on a never-recorded
+    event is a no-op.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.written, self.gathered = torch.cuda.Event(), torch.cuda.Event()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.gathered)
+            yield
+            self.written.record(self.stream)
+
+    def gather(self, frames: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = frames[idx]`` on the current stream, after the writes before it."""
+        stream = torch.cuda.current_stream(frames.device)
+        stream.wait_event(self.written)
+        torch.index_select(frames, 0, idx, out=out)
+        self.gathered.record(stream)
+
+
+def _device_order(frames) -> _DeviceOrder | None:
+    return _DeviceOrder(frames.device) if isinstance(frames, torch.Tensor) and frames.is_cuda else None
+
+
+def _writing(order: _DeviceOrder | None):
+    return order.writing() if order is not None else contextlib.nullcontext()
 
 
 def _new_frames(n: int, size: int, device: torch.device | None):
@@ -208,6 +238,7 @@ class OfflineSource:
             self.segment_stride = (seg - 1) * chunk
 
         self.frames = _new_frames(self.n_slots * self.segment_frames, size, frame_device)
+        self.order = _device_order(self.frames)
         self.slot_start = np.zeros(self.n_slots, np.int64)
         self.slot_lo = np.zeros(self.n_slots, np.int64)
         self.slot_hi = np.zeros(self.n_slots, np.int64)
@@ -252,8 +283,8 @@ class OfflineSource:
 
     def _load_slot(self, slot: int, start: int, stop: int, advance=None) -> None:
         base = slot * self.segment_frames
-        _read_frames_into(self.store, start, stop, self.frames[base : base + stop - start], advance)
-        _sync_device(self.frames)
+        with _writing(self.order):
+            _read_frames_into(self.store, start, stop, self.frames[base : base + stop - start], advance)
         lo, hi = self._valid_range(start, stop)
         with self.lock:
             self.slot_start[slot], self.slot_lo[slot], self.slot_hi[slot] = start, lo, hi
@@ -348,6 +379,7 @@ class OnlineRing:
         self.k, self.capacity, self.n_step = k, c, n_step
         self.lock = threading.Lock()
         self.frames = _new_frames(c + c // 4 + k + n_step, obs_spec.image_size, frame_device)
+        self.order = _device_order(self.frames)
         self.vector = np.zeros((c + c // 4 + 1 + n_step, obs_spec.vector_dim), np.float32)
         self.action = np.zeros((c, action_dim), np.float32)
         self.reward = np.zeros(c, np.float32)
@@ -373,7 +405,7 @@ class OnlineRing:
         last transition bootstraps like a truncation.
         """
         new_episode = not self._continues(obs)
-        with self.lock:
+        with self.lock, _writing(self.order):
             if new_episode:
                 self.end_episode()
                 image = np.asarray(obs["image"], np.uint8)
@@ -399,7 +431,6 @@ class OnlineRing:
             self.obs_written += 1
             self.steps_written = g + 1
             self._evict()
-        _sync_device(self.frames)
         return new_episode
 
     def end_episode(self) -> None:
@@ -759,7 +790,11 @@ class DictReplayBuffer:
             np.take(src.frames, frame_idx, axis=0, out=frames.numpy(), mode="wrap")
         else:
             idx = torch.from_numpy(frame_idx.reshape(-1) % len(src.frames)).to(src.frames.device)
-            torch.index_select(src.frames, 0, idx, out=frames.view(-1, *frames.shape[2:]))
+            out_frames = frames.view(-1, *frames.shape[2:])
+            if src.order is not None:
+                src.order.gather(src.frames, idx, out_frames)
+            else:
+                torch.index_select(src.frames, 0, idx, out=out_frames)
         for key, shift in (("obs", 0), ("next_obs", rows.n)):
             vector = batch[f"{key}_vector"].numpy()[out]
             np.take(src.vector, rows.obs + shift, axis=0, out=vector, mode="wrap")
