@@ -1,0 +1,722 @@
+"""Does it learn? End-to-end TD3 (encoder trained by the critic, or by actor and critic) against the
+frozen-CNN baseline and stable-baselines3's TD3, on the same env, route and env-step budget.
+
+For every setting x start x variant x seed one training run:
+
+- settings: ``full``  -- the 23-field state vector (the policy can drive without looking);
+            ``image`` -- ``vector_fields=speed`` plus traffic: the road and the other cars are
+            visible only in the image, so only a CNN that learns can drive.
+- starts:   ``online``  -- from scratch: ``--warmup`` random-action env steps, then learning;
+            ``offline`` -- from an expert+noise dataset (``pipeline collect``), ``--online-mix``
+            of every batch from fresh rollouts (SB3: its replay buffer pre-filled with the dataset).
+- variants: ``critic``, ``actor+critic``, ``frozen`` (``pipeline train --encoder-update``) and
+            ``sb3`` (``stable_baselines3.TD3("MultiInputPolicy")``; needs the ``bench`` extra).
+
+Both learners take ``--gradient-steps`` updates every ``--train-freq`` env steps (SB3's meaning),
+the same exploration noise (0.1), warm-up, batch size and gamma; their learners keep their own
+defaults otherwise (recorded in the JSON). Every ``--eval-every`` env steps, and with more episodes
+at the end, the deterministic policy is scored by ``pipeline eval``'s own
+:func:`pipeline.eval.runner.evaluate_policy` on fixed seeds 0, 1, ... (the seeds ``pipeline train``
+evaluates on; training episodes and the dataset use other seeds). Route completion is in percent (0-100) everywhere.
+
+Outputs, next to each other: ``<out>.json`` (hardware, config, every run's curve and final scores,
+mean/std over seeds, the issue's targets with their measured figures), ``<out>.png`` (route
+completion and return vs env steps, mean and std over seeds) and ``<out>.md`` (the README table).
+``--throughput-updates N`` also runs ``benchmarks/learner_throughput.py`` on the same device (ours vs
+SB3 at ``--batch-size``, with and without torch.compile / bf16) and records it in the same files.
+
+    # the full benchmark on a GPU (a few hours on one H100; --jobs runs trainings side by side)
+    python benchmarks/learning.py --device cuda --jobs 8 --throughput-updates 50
+    # CPU smoke scale (2 cores): tiny budget, fewer updates per env step
+    nice -n 10 python benchmarks/learning.py --device cpu --threads 1 --budget 2500 --warmup 500 \\
+        --train-freq 4 --batch-size 64 --seeds 0 --variants critic frozen sb3 --starts online \\
+        --out benchmarks/results/learning-cpu
+
+Runs live in ``--work-dir`` (a temporary folder unless given). A run whose ``result.json`` is
+there with the same job is not redone, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere, without installing the package
+    sys.path.insert(0, str(REPO))
+
+from pipeline.errors import PipelineError  # noqa: E402
+
+FORMAT, FORMAT_VERSION = "pipeline.learning-benchmark", 1
+SETTINGS = ("full", "image")
+STARTS = ("online", "offline")
+VARIANTS = ("critic", "actor+critic", "frozen", "sb3")
+METRICS = ("route_completion", "episode_return", "length", "driving_score")  # per eval, means over episodes
+EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
+GAMMA = 0.99
+EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run, plain data (it travels to worker processes and into result.json)."""
+
+    setting: str
+    start: str
+    variant: str
+    seed: int
+    route: str
+    vector_fields: str | None  # None: all fields
+    traffic: int
+    budget: int  # env steps, warm-up included
+    warmup: int  # random-action env steps before learning (online start only)
+    train_freq: int  # env steps between learning phases
+    gradient_steps: int  # updates per learning phase
+    batch_size: int
+    eval_every: int  # env steps between evaluations
+    eval_episodes: int
+    final_episodes: int
+    online_mix: float
+    data: str | None  # expert dataset store (offline start)
+    device: str
+    threads: int | None
+    run_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}-{self.start}-{self.variant.replace('+', '-')}-seed{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The env-step / update bookkeeping one job's learners follow (identical for ours and SB3)."""
+
+    warmup: int  # random env steps before the first update (0 with a dataset)
+    eval_points: tuple[int, ...]  # env steps (warm-up included) at which the policy is evaluated
+    updates: int  # gradient updates in total
+    chunk_steps: int  # ours: env steps per rollout chunk ...
+    chunk_updates: int  # ... followed by this many updates (same ratio as train_freq:gradient_steps)
+
+    @property
+    def env_steps(self) -> int:
+        return self.eval_points[-1]
+
+    def updates_at(self, env_steps: int) -> int:
+        return (env_steps - self.warmup) // self.chunk_steps * self.chunk_updates
+
+
+def make_schedule(job: Job) -> Schedule:
+    """Learning env steps are a whole number of ``eval_every`` periods; our loop runs rollouts in
+    chunks of up to ~50 env steps that divide ``eval_every``, so evaluations fall on chunk ends."""
+    warmup = 0 if job.data else max(job.warmup, job.batch_size)  # train() warms up >= one batch
+    periods = (job.budget - warmup) // job.eval_every
+    if periods < 1:
+        raise PipelineError(f"--budget {job.budget} leaves no --eval-every {job.eval_every} period after "
+                            f"{warmup} warm-up steps")
+    phases = job.eval_every // job.train_freq
+    m = max(d for d in range(1, max(1, 50 // job.train_freq) + 1) if phases % d == 0)
+    chunk_steps, chunk_updates = job.train_freq * m, job.gradient_steps * m
+    points = tuple(warmup + k * job.eval_every for k in range(1, periods + 1))
+    return Schedule(warmup, points, (points[-1] - warmup) // chunk_steps * chunk_updates, chunk_steps, chunk_updates)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run of ours: `pipeline train` with periodic evaluation, then a final evaluation.
+
+def run_ours(job: Job, sched: Schedule) -> dict:
+    """Train with :func:`pipeline.train.loop.train`; curve points come from its ``metrics.csv``."""
+    from pipeline.eval.runner import evaluate_policy
+    from pipeline.policies import load_agent
+    from pipeline.train.loop import TrainConfig, train
+
+    eval_updates = sched.updates_at(sched.warmup + job.eval_every)
+    config = TrainConfig(
+        out=str(Path(job.run_dir) / "train"), data=job.data, route=job.route, steps=sched.updates,
+        batch_size=job.batch_size, online_mix=job.online_mix, online_every=sched.chunk_updates,
+        online_steps=sched.chunk_steps, exploration_noise=EXPLORATION_NOISE, warmup_steps=sched.warmup,
+        online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
+        device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
+        eval_episodes=job.eval_episodes, log_every=eval_updates,
+        vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
+    started = time.perf_counter()
+    summary = train(config, progress=False)
+    wall = time.perf_counter() - started
+    curve = _curve_from_metrics_csv(Path(config.out) / "metrics.csv")
+    agent = load_agent(summary["checkpoint"], device=job.device)
+    final = evaluate_policy(agent, [job.route], episodes=job.final_episodes, seed=EVAL_SEED)
+    return {"updates": summary["updates"], "env_steps": summary["env_steps"], "wall_s": wall,
+            "updates_per_s": summary["updates"] / wall, "curve": curve, "final": _scores(final),
+            "checkpoint": summary["checkpoint"]}
+
+
+def _curve_from_metrics_csv(path: Path) -> list[dict]:
+    """Join each update's ``eval/*`` row with its log row (``rollout/*``, same update)."""
+    import csv
+
+    merged: dict[int, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            merged.setdefault(int(row["update"]), {}).update({k: v for k, v in row.items() if v != ""})
+    curve = []
+    for update, row in sorted(merged.items()):
+        if "eval/route_completion" not in row:
+            continue
+        point = {"env_steps": int(float(row["rollout/env_steps"])), "updates": update,
+                 **{m: float(row[f"eval/{m}"]) for m in METRICS}}
+        if "rollout/episode_return" in row:  # training episodes, with exploration noise
+            point["rollout_return"] = float(row["rollout/episode_return"])
+            point["rollout_route_completion"] = 100.0 * float(row["rollout/route_completion"])
+        curve.append(point)
+    return curve
+
+
+def _scores(summary: dict) -> dict:
+    keys = METRICS + tuple(f"{m}_std" for m in METRICS) + ("episodes", "collisions", "infractions_per_km")
+    return {k: summary[k] for k in keys} | {"terminations": summary["terminations"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# One run of stable-baselines3's TD3 on the same env, evaluated by the same function.
+
+class SB3Policy:
+    """An SB3 model as a ``pipeline`` policy: deterministic ``model.predict``. ``obs_spec`` makes
+    :func:`evaluate_policy` build the env with the vector fields and traffic it trained on."""
+
+    def __init__(self, model, obs_spec):
+        self.model, self.obs_spec = model, obs_spec
+
+    def reset(self, seed=None) -> None:
+        pass
+
+    def act(self, obs: dict, info: dict) -> np.ndarray:
+        return np.asarray(self.model.predict(obs, deterministic=True)[0], dtype=np.float32)
+
+
+def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict]):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from pipeline.eval.runner import evaluate_policy
+
+    class Curve(BaseCallback):
+        """Training-episode stats every step; evaluation where ours evaluates. Rollouts start right
+        after SB3's learning phase, so the update count there matches ours at the same env step."""
+
+        def __init__(self):
+            super().__init__()
+            self.pending = list(sched.eval_points)
+            self.returns, self.completions, self.running = [], [], 0.0
+
+        def _on_step(self) -> bool:
+            self.running += float(self.locals["rewards"][0])
+            if self.locals["dones"][0]:
+                self.returns.append(self.running)
+                self.completions.append(100.0 * float(self.locals["infos"][0]["route_completion"]))
+                self.running = 0.0
+            return True
+
+        def _on_rollout_start(self) -> None:
+            self.evaluate_due()
+
+        def evaluate_due(self) -> None:
+            while self.pending and self.num_timesteps >= self.pending[0]:
+                self.pending.pop(0)
+                summary = evaluate_policy(policy, [job.route], episodes=job.eval_episodes, seed=EVAL_SEED)
+                point = {"env_steps": self.num_timesteps, "updates": self.model._n_updates,
+                         **{m: summary[m] for m in METRICS}}
+                if self.returns:  # same window as our loop's recent_returns
+                    point["rollout_return"] = float(np.mean(self.returns[-20:]))
+                    point["rollout_route_completion"] = float(np.mean(self.completions[-20:]))
+                curve.append(point)
+
+    return Curve()
+
+
+def run_sb3(job: Job, sched: Schedule) -> dict:
+    import gymnasium as gym
+    from stable_baselines3 import TD3
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    from pipeline.envs import make_env
+    from pipeline.eval.runner import evaluate_policy
+    from pipeline.train.td3 import resolve_device
+
+    class EpisodeSeeds(gym.Wrapper):
+        """Reset seeds as our RolloutWorker draws them (pipeline/train/loop.py), not SB3's."""
+
+        def __init__(self, env, first: int):
+            super().__init__(env)
+            self.next_seed = first
+
+        def reset(self, *, seed=None, options=None):
+            self.next_seed += 1
+            return self.env.reset(seed=self.next_seed - 1, options=options)
+
+    env = EpisodeSeeds(make_env(job.route, vector_fields=job.vector_fields, traffic=job.traffic),
+                       first=job.seed * 1_000_003 + 10_000)
+    store = None
+    if job.data:
+        from pipeline.datasets.store import TransitionStore
+
+        store = TransitionStore(job.data)
+    model = TD3("MultiInputPolicy", env, buffer_size=job.budget + (store.num_transitions if store else 0),
+                learning_starts=sched.warmup, batch_size=job.batch_size, gamma=GAMMA,
+                train_freq=(job.train_freq, "step"), gradient_steps=job.gradient_steps,
+                action_noise=NormalActionNoise(np.zeros(2), np.full(2, EXPLORATION_NOISE)),
+                device=str(resolve_device(job.device)), seed=job.seed, verbose=0)
+    if store is not None:
+        _fill_sb3_buffer(model.replay_buffer, store)
+    policy = SB3Policy(model, env.unwrapped.obs_spec)
+    curve: list[dict] = []
+    callback = _sb3_callback(job, sched, policy, curve)
+    started = time.perf_counter()
+    model.learn(total_timesteps=sched.env_steps, callback=callback)
+    callback.evaluate_due()  # the last point: learn() ends with a learning phase, not a rollout
+    wall = time.perf_counter() - started
+    final = evaluate_policy(policy, [job.route], episodes=job.final_episodes, seed=EVAL_SEED)
+    env.close()
+    return {"updates": int(model._n_updates), "env_steps": int(model.num_timesteps), "wall_s": wall,
+            "updates_per_s": model._n_updates / wall, "curve": curve, "final": _scores(final)}
+
+
+def _fill_sb3_buffer(buffer, store) -> None:
+    """Every dataset transition into SB3's buffer (it stores obs and next_obs stacks in full)."""
+    k = store.obs_spec.frame_stack
+    for e in range(store.num_episodes):
+        ep = store.episode(e)
+        for t in range(ep.length):
+            truncated = bool(ep.truncated[t] and not ep.terminated[t])
+            buffer.add({"image": ep.frames[t:t + k][None], "vector": ep.vector[t][None]},
+                       {"image": ep.frames[t + 1:t + 1 + k][None], "vector": ep.vector[t + 1][None]},
+                       ep.action[t][None], ep.reward[t:t + 1], np.array([ep.terminated[t] or truncated]),
+                       [{"TimeLimit.truncated": truncated}])  # truncation bootstraps, as in ours
+
+
+def run_job(job: Job) -> dict:
+    """Run (or reuse) one job; returns the run record that goes into the JSON."""
+    run_dir = Path(job.run_dir)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("job") == dataclasses.asdict(job):
+            return done
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts over
+    run_dir.mkdir(parents=True)
+    sched = make_schedule(job)
+    record = run_sb3(job, sched) if job.variant == "sb3" else run_ours(job, sched)
+    record = {"job": dataclasses.asdict(job), "name": job.name, "setting": job.setting, "start": job.start,
+              "variant": job.variant, "seed": job.seed, "warmup": sched.warmup, **record}
+    result_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets, hardware, learner throughput
+
+def setting_env(setting: str, traffic: int) -> dict:
+    """Env options of a setting: ``vector_fields`` (None: all 23) and ``traffic``."""
+    return {"full": {"vector_fields": None, "traffic": 0},
+            "image": {"vector_fields": "speed", "traffic": traffic}}[setting]
+
+
+def expert_dataset(path: Path, args, setting: str) -> dict:
+    """An expert+noise dataset for ``setting`` (``pipeline collect``); reused when complete."""
+    from pipeline.datasets.collect import CollectConfig, collect
+    from pipeline.datasets.store import TransitionStore
+
+    config = CollectConfig(out=str(path), episodes=args.dataset_episodes, route=args.route, policy="expert",
+                           noise=args.dataset_noise, seed=args.dataset_seed, mode="append",
+                           **setting_env(setting, args.traffic))
+    summary = collect(config, progress=False)
+    store = TransitionStore(str(path))
+    return {"episodes": store.num_episodes, "transitions": store.num_transitions, "policy": "expert",
+            "noise": args.dataset_noise, "mean_return": summary["mean_return"],
+            "mean_route_completion": 100.0 * summary["mean_route_completion"]}
+
+
+def hardware(device: str, threads: int | None) -> dict:
+    import torch
+
+    from pipeline.train.td3 import resolve_device
+
+    dev = resolve_device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import stable_baselines3
+        sb3 = stable_baselines3.__version__
+    except ImportError:
+        sb3 = None
+    return {"device": dev.type, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads_per_run": threads or torch.get_num_threads(),
+            "torch": torch.__version__, "stable_baselines3": sb3, "python": platform.python_version(),
+            "host": platform.node()}
+
+
+def learner_throughput(args, on_cuda: bool) -> list[dict]:
+    """``benchmarks/learner_throughput.py`` (ours vs SB3, same batch and device) per compile/bf16 setting."""
+    combos = [(False, True), (False, False)] if on_cuda else [(False, None)]  # bf16 autocast is CUDA-only
+    if args.throughput_compile:
+        combos += [(True, True), (True, False)] if on_cuda else [(True, None)]
+    rows = []
+    for compile_, amp in combos:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "learner_throughput.py"), "--device", args.device,
+               "--batch-size", str(args.batch_size), "--updates", str(args.throughput_updates)]
+        cmd += ["--compile"] * compile_ + ["--no-amp"] * (amp is False)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        found = re.search(r"updates_per_s=([\d.]+) sb3_ratio=([\d.]+) replay_wait=([\d.]+)", out.stdout)
+        if out.returncode != 0 or not found:
+            last = ((out.stderr or out.stdout).strip().splitlines() or ["no output"])[-1]
+            raise PipelineError(f"learner_throughput.py failed: {last}")
+        ours, ratio, wait = map(float, found.groups())
+        rows.append({"compile": compile_, "bf16": amp, "batch_size": args.batch_size,
+                     "updates": args.throughput_updates, "ours_updates_per_s": ours,
+                     "sb3_updates_per_s": ours / ratio, "ratio": ratio, "replay_wait": wait})
+        print(f"throughput compile={compile_} bf16={amp}: ours {ours:.2f}/s, SB3 {ours / ratio:.2f}/s, x{ratio:.2f}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation, targets, outputs
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "values": [float(v) for v in a]}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """``"<setting>/<start>/<variant>"`` -> final scores and curve, mean/std over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(f"{run['setting']}/{run['start']}/{run['variant']}", []).append(run)
+    out = {}
+    for key, members in groups.items():
+        steps = sorted(set.intersection(*[{p["env_steps"] for p in r["curve"]} for r in members]))
+        curve = []
+        for s in steps:
+            points = [next(p for p in r["curve"] if p["env_steps"] == s) for r in members]
+            curve.append({"env_steps": s, **{m: _stats([p[m] for p in points]) for m in METRICS}})
+        out[key] = {
+            "setting": members[0]["setting"], "start": members[0]["start"], "variant": members[0]["variant"],
+            "seeds": [r["seed"] for r in members],
+            "env_steps": _stats([r["env_steps"] for r in members]),
+            "updates": _stats([r["updates"] for r in members]),
+            "updates_per_s": _stats([r["updates_per_s"] for r in members]),
+            "final": {m: _stats([r["final"][m] for r in members]) for m in METRICS},
+            "curve": curve,
+        }
+    return out
+
+
+def _final(summary: dict, key: str, metric: str) -> float | None:
+    return summary[key]["final"][metric]["mean"] if key in summary else None
+
+
+def _first_reaching(curve: list[dict], level: float) -> int | None:
+    return next((p["env_steps"] for p in curve if p["route_completion"]["mean"] >= level), None)
+
+
+def targets(summary: dict, throughput: list[dict], on_cuda: bool) -> list[dict]:
+    """The issue's targets, each with the measured figures and ``passed`` (None: not measured here)."""
+    rows = []
+
+    def ratio_target(name, setting, start, metric, need):
+        a, b = _final(summary, f"{setting}/{start}/critic", metric), _final(summary, f"{setting}/{start}/frozen", metric)
+        ratio = a / b if a is not None and b else None  # frozen at 0: no ratio, any progress passes
+        passed = None if a is None or b is None else (ratio >= need if ratio is not None else a > 0)
+        rows.append({"target": name, "setting": setting, "start": start, "critic": a, "frozen": b,
+                     "ratio": ratio, "need": need, "passed": passed})
+
+    for start in STARTS:
+        ratio_target("end-to-end (critic) episode length >= 4x frozen", "image", start, "length", 4.0)
+        ratio_target("end-to-end (critic) route completion >= 2x frozen", "image", start, "route_completion", 2.0)
+    for setting in SETTINGS:
+        for start in STARTS:
+            ours, sb3 = (_final(summary, f"{setting}/{start}/{v}", "route_completion") for v in ("critic", "sb3"))
+            if ours is not None and sb3 is not None:
+                rows.append({"target": "ours (critic) final route completion >= SB3 TD3 at the same env steps",
+                             "setting": setting, "start": start, "critic": ours, "sb3": sb3,
+                             "passed": ours >= sb3})
+    if throughput:
+        best = max(throughput, key=lambda r: r["ratio"])
+        rows.append({"target": "ours >= 2x SB3 TD3 updates/s on GPU (batch %d)" % best["batch_size"],
+                     "ratio": best["ratio"], "compile": best["compile"], "bf16": best["bf16"], "need": 2.0,
+                     "passed": best["ratio"] >= 2.0 if on_cuda else None,
+                     **({} if on_cuda else {"note": "measured on CPU: the target is for a GPU"})})
+    for setting in SETTINGS:
+        for variant in ("critic", "actor+critic", "frozen", "sb3"):
+            on, off = (summary.get(f"{setting}/{start}/{variant}") for start in STARTS)
+            if on is None or off is None:
+                continue
+            level = on["curve"][-1]["route_completion"]["mean"]  # same eval episodes as the curves
+            steps_on, steps_off = _first_reaching(on["curve"], level), _first_reaching(off["curve"], level)
+            rows.append({"target": "offline+online reaches the online-only final route completion in fewer env steps",
+                         "setting": setting, "variant": variant, "level": level, "online_env_steps": steps_on,
+                         "offline_env_steps": steps_off,
+                         "passed": steps_off is not None and steps_on is not None and steps_off < steps_on})
+    return rows
+
+
+COLORS = {"critic": "tab:blue", "actor+critic": "tab:green", "frozen": "tab:red", "sb3": "tab:gray"}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(g["setting"], g["start"]) for g in report["summary"].values()},
+                    key=lambda p: (SETTINGS.index(p[0]), STARTS.index(p[1])))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for row, (setting, start) in enumerate(panels):
+        for col, (metric, label) in enumerate((("route_completion", "route completion (%)"),
+                                                ("episode_return", "episode return"))):
+            ax = axes[row][col]
+            for variant in VARIANTS:
+                group = report["summary"].get(f"{setting}/{start}/{variant}")
+                if not group or not group["curve"]:
+                    continue
+                x = [p["env_steps"] for p in group["curve"]]
+                mean = np.array([p[metric]["mean"] for p in group["curve"]])
+                std = np.array([p[metric]["std"] for p in group["curve"]])
+                ax.plot(x, mean, marker="o", ms=3, color=COLORS[variant],
+                        label=f"{variant} ({len(group['seeds'])} seed{'s' * (len(group['seeds']) > 1)})")
+                ax.fill_between(x, mean - std, mean + std, color=COLORS[variant], alpha=0.2)
+            ax.set_title(f"{setting} / {start}", fontsize=10)
+            ax.set_xlabel("env steps")
+            ax.set_xlim(left=0)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    hw = report["hardware"]
+    fig.suptitle(f"Deterministic eval on {report['config']['route']} vs env steps (mean +- std over seeds); "
+                 f"{hw['gpu'] or 'CPU: ' + hw['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pm(stat: dict, digits: int = 1) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _num(x, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    hw, cfg = report["hardware"], report["config"]
+    lines = [f"## Learning: end-to-end vs frozen CNN vs SB3 TD3 ({cfg['route']})", ""]
+    if report.get("note"):
+        lines += [f"> {report['note']}", ""]
+    lines += [
+        f"Hardware: {hw['gpu'] or 'no GPU'}; CPU {hw['cpu']} ({hw['cpu_count']} cores, "
+        f"{hw['torch_threads_per_run']} torch thread(s) per run); torch {hw['torch']}, SB3 {hw['stable_baselines3']}.",
+        f"Budget: {cfg['budget']} env steps per run (warm-up {cfg['warmup']} random steps when online), "
+        f"{cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch {cfg['batch_size']}; "
+        f"evaluation every {cfg['eval_every']} env steps on {cfg['eval_episodes']} fixed seeds, final on "
+        f"{cfg['final_episodes']} (seeds {EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). "
+        f"Image setting: vector = speed only, traffic {cfg['traffic']}. Wall time {report['wall_s'] / 60:.1f} min.",
+        "",
+        "| setting | start | variant | seeds | env steps | updates | route completion % | driving score | return "
+        "| episode length | updates/s (whole run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in report["summary"].values():
+        f = g["final"]
+        lines.append(f"| {g['setting']} | {g['start']} | {g['variant']} | {len(g['seeds'])} | "
+                     f"{g['env_steps']['mean']:.0f} | {g['updates']['mean']:.0f} | {_pm(f['route_completion'])} | "
+                     f"{_pm(f['driving_score'])} | {_pm(f['episode_return'], 2)} | {_pm(f['length'])} | "
+                     f"{g['updates_per_s']['mean']:.2f} |")
+    lines += ["", "Targets (from the issue):", "", "| target | where | measured | passed |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        where = " / ".join(str(t[k]) for k in ("setting", "start", "variant") if k in t) or "learner"
+        if "frozen" in t:
+            measured = f"critic {_num(t['critic'])} vs frozen {_num(t['frozen'])} (x{_num(t['ratio'])}, need x{t['need']:g})"
+        elif "sb3" in t:
+            measured = f"critic {_num(t['critic'])} vs SB3 {_num(t['sb3'])}"
+        elif "level" in t:
+            measured = (f"level {t['level']:.1f}%: offline+online at {t['offline_env_steps'] or 'never'}, "
+                        f"online-only at {t['online_env_steps']} env steps")
+        else:
+            measured = f"x{t['ratio']:.2f} (compile={t['compile']}, bf16={t['bf16']})" + (
+                f"; {t['note']}" if "note" in t else "")
+        passed = {True: "yes", False: "**no**", None: "n/a"}[t["passed"]]
+        lines.append(f"| {t['target']} | {where} | {measured} | {passed} |")
+    if report["learner_throughput"]:
+        lines += ["", f"Learner throughput (`benchmarks/learner_throughput.py`, same machine, replay included):", "",
+                  "| compile | bf16 | batch | ours updates/s | SB3 updates/s | ours / SB3 |", "|---|---|---|---|---|---|"]
+        for r in report["learner_throughput"]:
+            lines.append(f"| {r['compile']} | {'n/a (CPU)' if r['bf16'] is None else r['bf16']} | {r['batch_size']} | "
+                         f"{r['ours_updates_per_s']:.2f} | {r['sb3_updates_per_s']:.2f} | {r['ratio']:.2f} |")
+    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=int, default=100_000, help="env steps per run, warm-up included")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
+    p.add_argument("--route", default="racetrack")
+    p.add_argument("--traffic", type=int, default=3, help="other vehicles in the image setting")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1_000, help="random env steps before learning (online start)")
+    p.add_argument("--train-freq", type=int, default=1, help="env steps between learning phases")
+    p.add_argument("--gradient-steps", type=int, default=1, help="updates per learning phase")
+    p.add_argument("--online-mix", type=float, default=0.5, help="offline start: share of fresh rollouts per batch")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="env steps (default: a 20th of the budget after warm-up, a multiple of --train-freq)")
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--final-episodes", type=int, default=10)
+    p.add_argument("--dataset-episodes", type=int, default=20)
+    p.add_argument("--dataset-noise", type=float, default=0.2)
+    p.add_argument("--dataset-seed", type=int, default=100_000, help="first dataset episode seed (not an eval seed)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs side by side (processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--throughput-updates", type=int, default=0, help="run learner_throughput.py (0: skip)")
+    p.add_argument("--no-throughput-compile", dest="throughput_compile", action="store_false")
+    p.add_argument("--work-dir", default=None, help="keep runs (checkpoints, metrics.csv) here; reruns reuse them")
+    p.add_argument("--note", default="", help="a line for the top of the Markdown table")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learning"),
+                   help="output stem: writes <out>.json, <out>.png, <out>.md")
+    args = p.parse_args(argv)
+    if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
+           args.final_episodes, args.dataset_episodes, args.jobs, args.eval_every or 1) <= 0:
+        p.error("budgets, sizes, frequencies, episode counts and --jobs must be positive")
+    if not 0.0 < args.online_mix <= 1.0:
+        p.error("--online-mix must be in (0, 1]: the benchmark counts env steps of fresh rollouts")
+    if args.eval_every is None:
+        learning = args.budget - max(args.warmup, args.batch_size)
+        args.eval_every = max(learning // 20 // args.train_freq, 1) * args.train_freq
+    if args.eval_every % args.train_freq:
+        p.error(f"--eval-every {args.eval_every} must be a multiple of --train-freq {args.train_freq}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from pipeline.train.td3 import resolve_device
+
+    if "sb3" in args.variants:
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            raise SystemExit("the sb3 variant needs stable-baselines3: pip install -e '.[bench]'") from None
+    on_cuda = resolve_device(args.device).type == "cuda"
+    started = time.perf_counter()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="learning-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        jobs = [Job(setting=s, start=st, variant=v, seed=seed, route=args.route, **setting_env(s, args.traffic),
+                    budget=args.budget, warmup=args.warmup, train_freq=args.train_freq,
+                    gradient_steps=args.gradient_steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                    eval_episodes=args.eval_episodes, final_episodes=args.final_episodes,
+                    online_mix=args.online_mix, data=str(work / "datasets" / f"{s}.zarr") if st == "offline" else None,
+                    device=args.device, threads=args.threads, run_dir="")
+                for s in args.settings for st in args.starts for v in args.variants for seed in args.seeds]
+        jobs = [dataclasses.replace(j, run_dir=str(work / "runs" / j.name)) for j in jobs]
+        for job in jobs:  # a budget too small for one evaluation period fails before any training
+            make_schedule(job)
+        datasets = {}
+        if "offline" in args.starts:
+            for setting in args.settings:
+                datasets[setting] = expert_dataset(work / "datasets" / f"{setting}.zarr", args, setting)
+                print(f"dataset {setting}: {datasets[setting]}")
+        runs = []
+
+        def done(record: dict) -> None:
+            runs.append(record)
+            f = record["final"]
+            print(f"[{len(runs)}/{len(jobs)}] {record['name']}: RC {f['route_completion']:.1f}%, "
+                  f"return {f['episode_return']:.2f}, length {f['length']:.0f}, {record['updates']} updates "
+                  f"in {record['wall_s']:.0f} s", flush=True)
+
+        if args.jobs == 1:
+            for job in jobs:
+                done(run_job(job))
+        else:  # spawn: CUDA and forked torch threads do not mix
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+                for record in pool.map(run_job, jobs):
+                    done(record)
+        throughput = learner_throughput(args, on_cuda) if args.throughput_updates > 0 else []
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    order = {(j.setting, j.start, j.variant, j.seed): i for i, j in enumerate(jobs)}
+    runs.sort(key=lambda r: order[(r["setting"], r["start"], r["variant"], r["seed"])])
+    for run in runs:  # paths inside a temporary work dir mean nothing afterwards
+        run["job"] = {k: v for k, v in run["job"].items() if k not in ("run_dir", "data")}
+        if not args.work_dir:
+            run.pop("checkpoint", None)
+    summary = aggregate(runs)
+    report = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": args.note,
+        "hardware": hardware(args.device, args.threads),
+        "wall_s": time.perf_counter() - started,
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "note")},
+        "settings": {s: setting_env(s, args.traffic) for s in args.settings},
+        "learners": {
+            "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
+                    "one shared encoder; bf16 + channels_last on CUDA)",
+            "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
+                   f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
+                   f"gradient_steps and N(0, {EXPLORATION_NOISE}) action noise; offline start: buffer pre-filled "
+                   f"with the dataset",
+        },
+        "datasets": datasets,
+        "runs": runs,
+        "summary": summary,
+        "learner_throughput": throughput,
+    }
+    report["targets"] = targets(summary, throughput, on_cuda)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(report, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {out}.json, {out}.png, {out}.md")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PipelineError as e:
+        raise SystemExit(f"error: {e}") from None

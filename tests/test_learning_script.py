@@ -1,0 +1,140 @@
+"""benchmarks/learning.py at a tiny budget: its bookkeeping and outputs, not whether anything learns.
+
+One run of the script's ``main`` (image setting, online and offline starts, critic / frozen / SB3,
+one seed, 60 env steps, batch 8) feeds every test below.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+VARIANTS = ("critic", "frozen", "sb3")
+TINY = ["--budget", "60", "--warmup", "20", "--eval-every", "20", "--train-freq", "4", "--batch-size", "8",
+        "--seeds", "0", "--settings", "image", "--variants", *VARIANTS, "--starts", "online", "offline",
+        "--dataset-episodes", "1", "--eval-episodes", "1", "--final-episodes", "1", "--threads", "1",
+        "--device", "cpu"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the script's string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def learning():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def bench(learning, tmp_path_factory):
+    pytest.importorskip("stable_baselines3")
+    tmp = tmp_path_factory.mktemp("learning")
+    out = tmp / "results" / "learning-test"
+    returned = learning.main([*TINY, "--work-dir", str(tmp / "work"), "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    return {"out": out, "report": report, "returned": returned, "work": tmp / "work"}
+
+
+def test_every_run_gets_the_same_env_steps_and_updates(bench):
+    runs = bench["report"]["runs"]
+    assert sorted((r["start"], r["variant"]) for r in runs) == sorted(
+        (s, v) for s in ("online", "offline") for v in VARIANTS)
+    for run in runs:
+        online = run["start"] == "online"
+        # online: 20 random warm-up steps, then 40 learning steps at 1 update per 4 env steps
+        assert run["env_steps"] == 60 and run["warmup"] == (20 if online else 0)
+        assert run["updates"] == (10 if online else 15)
+        assert [p["env_steps"] for p in run["curve"]] == ([40, 60] if online else [20, 40, 60])
+        assert [p["updates"] for p in run["curve"]] == ([5, 10] if online else [5, 10, 15])
+        for point in run["curve"] + [run["final"]]:
+            assert 0.0 <= point["route_completion"] <= 100.0
+            assert point["length"] >= 1 and np.isfinite(point["episode_return"])
+        assert run["final"]["episodes"] == 1
+    dataset = bench["report"]["datasets"]["image"]
+    assert dataset["episodes"] == 1 and dataset["transitions"] > 0
+
+
+def test_the_image_setting_hides_the_road_from_the_vector(bench):
+    report = bench["report"]
+    assert report["settings"]["image"] == {"vector_fields": "speed", "traffic": 3}
+    assert report["hardware"]["device"] == "cpu" and report["hardware"]["gpu"] is None
+    import torch
+
+    for run in report["runs"]:  # our checkpoints were trained on the speed-only vector
+        if run["variant"] != "sb3":
+            state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+            assert state["obs_spec"]["vector_fields"] == ["speed"] and state["obs_spec"]["traffic"] == 3
+
+
+def test_summary_and_targets_are_computed_from_the_runs(bench):
+    report = bench["report"]
+    assert bench["returned"]["summary"] == report["summary"]
+    for run in report["runs"]:
+        group = report["summary"][f"image/{run['start']}/{run['variant']}"]
+        assert group["seeds"] == [0]
+        for metric in ("route_completion", "episode_return", "length", "driving_score"):
+            assert group["final"][metric] == {"mean": run["final"][metric], "std": 0.0, "values": [run["final"][metric]]}
+            assert [p[metric]["mean"] for p in group["curve"]] == [p[metric] for p in run["curve"]]
+    by_name = {}
+    for t in report["targets"]:
+        by_name.setdefault(t["target"], []).append(t)
+    length = next(t for t in by_name["end-to-end (critic) episode length >= 4x frozen"] if t["start"] == "online")
+    critic = report["summary"]["image/online/critic"]["final"]["length"]["mean"]
+    frozen = report["summary"]["image/online/frozen"]["final"]["length"]["mean"]
+    assert (length["critic"], length["frozen"]) == (critic, frozen)
+    assert length["ratio"] == pytest.approx(critic / frozen) and length["passed"] == (critic / frozen >= 4)
+    sb3 = [t for t in report["targets"] if "sb3" in t]
+    assert {t["start"] for t in sb3} == {"online", "offline"}
+    assert all(t["passed"] == (t["critic"] >= t["sb3"]) for t in sb3)
+    reach = by_name["offline+online reaches the online-only final route completion in fewer env steps"]
+    assert {t["variant"] for t in reach} == set(VARIANTS)
+
+
+def test_markdown_and_png(bench):
+    report, out = bench["report"], bench["out"]
+    md = out.with_suffix(".md").read_text()
+    assert "no GPU" in md and "60 env steps per run" in md
+    for group in report["summary"].values():
+        rc = group["final"]["route_completion"]
+        row = f"| image | {group['start']} | {group['variant']} | 1 | 60 | {group['updates']['mean']:.0f} | " \
+              f"{rc['mean']:.1f} ± {rc['std']:.1f} |"
+        assert row in md
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(str(png)).shape[:2]
+    assert (height, width) == (640, 1100)  # two panels (online, offline) x (completion, return)
+
+
+def test_a_finished_run_is_reused(bench, learning):
+    """Rerunning with the same --work-dir reads the runs' result.json instead of training again."""
+    work = bench["work"]
+    result = next((work / "runs").glob("image-online-critic-seed0/result.json"))
+    record = json.loads(result.read_text())
+    record["final"]["route_completion"] = 42.0  # a marker only a reused record can carry
+    result.write_text(json.dumps(record))
+    job = learning.Job(**record["job"])
+    assert learning.run_job(job)["final"]["route_completion"] == 42.0
+
+
+def test_bad_budgets_fail_before_training(learning, tmp_path):
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--eval-every", "10", "--train-freq", "4"])
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--online-mix", "0"])
+    with pytest.raises(PipelineError, match="no --eval-every"):
+        learning.main(["--budget", "30", "--warmup", "20", "--eval-every", "20", "--batch-size", "8",
+                       "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
+                       "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "work" / "runs").exists()
