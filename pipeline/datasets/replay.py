@@ -536,8 +536,8 @@ def _prefetch_loop(ref: weakref.ref, stop: threading.Event, out: queue.Queue, er
 class DictReplayBuffer:
     """Replay for dict observations: an offline dataset store mixed with an online ring.
 
-    >>> with DictReplayBuffer("runs/a.zarr", online_capacity=100_000, online_mix=0.5,
-    ...                       memory_budget="8GiB", n_step=3, online_store="runs/train/online.zarr") as buf:
+    >>> with DictReplayBuffer("runs/a.zarr", online_capacity=100_000, online_mix=0.5, n_step=3,
+    ...                       memory_budget="8GiB", online_store="runs/train/online.zarr") as buf:
     ...     buf.add(obs, action, reward, next_obs, terminated, truncated, info)   # per env step
     ...     batch = buf.sample(256)
 
@@ -556,7 +556,7 @@ class DictReplayBuffer:
 
     Arguments: ``offline`` a :class:`TransitionStore`, a store URL or None; ``online_capacity``
     transitions in the ring (0: no online source); ``memory_budget`` bytes (or "8GiB") for the
-    offline source; ``prefetch`` batches assembled ahead by a thread (0: assemble in ``sample``);
+    offline source (its frames count against it on the device with ``frames_on_device``); ``prefetch`` batches assembled ahead by a thread (0: assemble in ``sample``);
     ``online_store`` a URL that completed online episodes are appended to; ``refresh_duty`` the
     share of wall time the reservoir refresh thread may spend reading (0: refresh only when
     :meth:`refresh` is called); ``progress`` shows a progress bar while loading (None: for loads
@@ -693,7 +693,8 @@ class DictReplayBuffer:
                 self._recorder = None
 
     def refresh(self) -> None:
-        """Replace one reservoir slot from disk now (what the refresh thread does)."""
+        """Replace one reservoir slot from disk now (what the refresh thread does; use it only
+        with ``refresh_duty=0``, where no thread refreshes)."""
         if self.offline_source is not None:
             self.offline_source.refresh()
 
