@@ -102,3 +102,15 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     out = ("--out", tmp_path / "run") if "--resume" not in args else ()
     assert_one_line_error(run_cli("train", *args, *out, "--quiet"), needle)
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_every_logs_driving_metrics(tmp_path, expert_store):
+    run = tmp_path / "with_eval"
+    result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 4, "--eval-every", 2,
+                     "--eval-episodes", 1, "--out", run, *TINY)
+    assert result.returncode == 0, result.stderr
+    evaluated = [r for r in _rows(run) if r.get("eval/route_completion")]
+    assert [int(r["update"]) for r in evaluated] == [2, 4]
+    for row in evaluated:
+        assert 0.0 < float(row["eval/route_completion"]) <= 100.0  # percent, as the leaderboard
+        assert float(row["eval/driving_score"]) >= 0.0
