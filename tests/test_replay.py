@@ -337,7 +337,7 @@ def test_online_episodes_go_to_the_online_store(tmp_path):
     fresh.append(hand_episode([1.0, 2.0], True, 5))
     online = tmp_path / "online.zarr"
     with DictReplayBuffer(None, online_capacity=100, obs_spec=SPEC, prefetch=0, device="cpu",
-                          online_store=online) as buffer:
+                          online_store=online, online_route="racetrack") as buffer:
         feed(buffer, fresh[:3])
         # a reset without terminated/truncated: the unfinished episode stays out of the store
         ep = fresh[3]
@@ -351,6 +351,7 @@ def test_online_episodes_go_to_the_online_store(tmp_path):
         for name in ("frames", "vector", "action", "reward", "terminated", "truncated"):
             np.testing.assert_array_equal(getattr(stored, name), getattr(ep, name))
         assert stored.termination == ep.termination
+        assert stored.route == "racetrack"  # online.zarr names its route, so it can be trained on
     with DictReplayBuffer(None, online_capacity=100, obs_spec=SPEC, prefetch=0, device="cpu",
                           online_store=online) as buffer:  # a resumed run appends
         feed(buffer, fresh[:1])

@@ -581,6 +581,7 @@ class DictReplayBuffer:
         action_spec: ActionSpec | None = None,
         seed: int = 0,
         online_store: str | os.PathLike | None = None,
+        online_route: str = "",
         frames_on_device: bool = False,
         refresh_duty: float = 0.25,
         progress: bool | None = None,
@@ -629,6 +630,7 @@ class DictReplayBuffer:
         if self.offline_source is None and self.online is None:
             raise PipelineError("DictReplayBuffer has no source: give an offline store or online_capacity")
         self._writer = None
+        self.online_route = online_route  # recorded with every online episode, so online.zarr can train too
         self._recorder: EpisodeRecorder | None = None
         self.online_episodes = 0
         if online_store is not None:
@@ -681,7 +683,7 @@ class DictReplayBuffer:
         new_episode = self.online.add(obs, action, reward, next_obs, bool(terminated))
         if self._writer is not None:
             if new_episode or self._recorder is None:
-                self._recorder = EpisodeRecorder()
+                self._recorder = EpisodeRecorder(route=self.online_route)
                 self._recorder.start(obs)
             self._recorder.add(action, reward, next_obs, terminated, truncated)
         if terminated or truncated:

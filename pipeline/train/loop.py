@@ -225,7 +225,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         offline=store, obs_spec=spec, action_spec=ActionSpec(), online_capacity=config.online_capacity,
         online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
         gamma=config.gamma, device=resolve_device(config.device), prefetch=2, seed=config.seed,
-        online_store=str(out / "online.zarr") if online else None,
+        online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
     )
     worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
     start_update = 0
