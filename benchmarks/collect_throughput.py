@@ -21,12 +21,12 @@ from pathlib import Path
 SB3_UINT8_BYTES_PER_TRANSITION = 2 * 4 * 84 * 84
 
 
-def raw_steps_per_s(route: str, episodes: int, max_steps: int) -> tuple[float, int]:
+def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int) -> tuple[float, int]:
     from pipeline.envs import make_env
-    from pipeline.envs.policies import RandomPolicy
+    from pipeline.policies import make_policy
 
     env = make_env(route, max_steps=max_steps)
-    policy = RandomPolicy()
+    policy = make_policy(policy_name, env)
     steps, started = 0, time.perf_counter()
     for seed in range(episodes):
         policy.reset(seed)
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--route", default="racetrack")
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--policy", default="random", help="random (the issue's figure) or expert (long episodes)")
     parser.add_argument("--repeats", type=int, default=3, help="alternate raw/collect runs, keep the best of each")
     args = parser.parse_args()
 
@@ -53,9 +54,9 @@ def main() -> None:
     raw_best, collect_best = 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            raw, steps = raw_steps_per_s(args.route, args.episodes, args.max_steps)
+            raw, steps = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps)
             out = str(Path(tmp) / f"bench{repeat}.zarr")
-            config = CollectConfig(out=out, episodes=args.episodes, route=args.route, policy="random",
+            config = CollectConfig(out=out, episodes=args.episodes, route=args.route, policy=args.policy,
                                    max_steps=args.max_steps)
             started = time.perf_counter()
             summary = collect(config, progress=False)

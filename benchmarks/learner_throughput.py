@@ -64,6 +64,7 @@ def ours(store, args) -> tuple[float, float]:
 def sb3(store, args) -> float:
     import gymnasium as gym
     from stable_baselines3 import TD3
+    from stable_baselines3.common.logger import configure
 
     class _SpecEnv(gym.Env):  # SB3 needs an env for spaces only; we never step it
         observation_space = store.obs_spec.observation_space()
@@ -72,6 +73,7 @@ def sb3(store, args) -> float:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     model = TD3("MultiInputPolicy", _SpecEnv(), buffer_size=store.num_transitions, batch_size=args.batch_size,
                 learning_starts=0, device=device, verbose=0)
+    model.set_logger(configure(None, []))  # train() logs; learn() would normally set this up
     buffer = model.replay_buffer
     for i in range(store.num_transitions):
         t = store.transition(i)
