@@ -10,9 +10,11 @@ Layout (``F`` frames, ``O`` observations, ``N`` transitions, ``E`` episodes; ``K
     truncated   bool    (N,)
     episodes/   frame_offset, obs_offset, step_offset, length, seed: int64 (E,);
                 return: float64 (E,); route: int16 (E,) index into attrs["routes"];
-                termination: int8 (E,) index into ["", *TERMINATIONS]
-    attrs       format, format_version, obs_spec, action_spec, routes, meta, software_version,
-                created, committed_episodes, appends
+                termination: int8 (E,) index into ["", *TERMINATIONS];
+                source: int16 (E,) index into attrs["sources"], -1 = recorded into this store
+    attrs       format, format_version, id (random, names the dataset), obs_spec, action_spec,
+                routes, meta, software_version, created, committed_episodes, appends, checksums,
+                sources (merged stores)
 
 Observation ``t`` of episode ``e`` is ``frames[f0 + t : f0 + t + K]`` with ``vector[o0 + t]``,
 where ``f0, o0`` are the episode's ``frame_offset, obs_offset``; its transition ``t`` is global
@@ -25,14 +27,27 @@ visible; arrays longer than the committed rows imply are uncommitted tails, whic
 append cuts off. Each chunk and each metadata document is replaced atomically by the stores we use
 (local files via rename, object stores via PUT), so a kill mid-write never tears committed data.
 
-There are no object or string arrays: strings live in attrs as lists and arrays hold indices, so a
-store holds nothing that needs unpickling.
+``attrs["checksums"]`` maps every chunk object's key (``frames/c/3/0/0``) to the sha256 of its
+bytes as stored (encoded), recorded by the writer as it writes them and committed together with
+``committed_episodes`` (one metadata document), so ``sha256sum a.zarr/frames/c/3/0/0`` matches.
+``datasets verify`` and ``push``/``pull`` compare against them (see ``datasets/remote.py``). A crash
+between the data and the commit leaves the chunk holding the committed end rewritten but its
+checksum old; that chunk also holds uncommitted rows, which is how verify recognises the case, and
+opening for append re-hashes it.
+
+A store is data only. There are no object or string arrays: strings live in attrs as lists and
+arrays hold indices. Opening a store checks that before reading any chunk: only the known attrs
+keys, numeric dtypes and a short list of plain compression codecs are accepted, so reading a
+teammate's store never unpickles or runs anything it names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
+import uuid
 from datetime import datetime, timezone
 
 import fsspec
@@ -40,6 +55,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
+from zarr.storage import WrapperStore
 
 import pipeline
 from pipeline.datasets.episode import Episode
@@ -74,7 +90,19 @@ _EPISODE_COLUMNS = {
     "seed": "int64",
     "route": "int16",
     "termination": "int8",
+    "source": "int16",
 }
+_DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "bool", "bool"))),
+           **{f"episodes/{name}": dtype for name, dtype in _EPISODE_COLUMNS.items()}}
+#: The only attrs keys a store may hold: anything else is refused as not data we know.
+ATTRS_KEYS = frozenset({
+    "format", "format_version", "id", "obs_spec", "action_spec", "routes", "meta", "software_version",
+    "created", "committed_episodes", "appends", "checksums", "sources",
+})
+# Plain zarr v3 codecs; a store naming any other codec (e.g. numcodecs' pickle) is refused.
+_SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
+CHECKSUM_ALGORITHM = "sha256"
+_CHUNK_KEY = re.compile(r"(^|/)c/[0-9/]+$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,16 +126,35 @@ def _zarr_store(url: str, storage_options: dict | None, read_only: bool):
     fs, path = _fs_path(url, storage_options)
     if _is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
+    if "::" in str(url):
+        # A chained URL such as simplecache::s3://...: zarr would rebuild it with the inner
+        # filesystem asynchronous, which the sync cache layer cannot drive; wrap this one instead.
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        return zarr.storage.FsspecStore(
+            AsyncFileSystemWrapper(fs, asynchronous=True), path=path, read_only=read_only
+        )
     return zarr.storage.FsspecStore.from_url(
         str(url), storage_options=storage_options, read_only=read_only
     )
 
 
+def is_io_error(e: BaseException) -> bool:
+    """True for errors of storage I/O, including remote backends' own (botocore's "Unable to
+    locate credentials", google-auth's), which are not OSErrors."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "google", "aiohttp")
+
+
 def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """True if anything but an empty directory is at ``path``."""
-    if not fs.exists(path):
-        return False
-    return not (fs.isdir(path) and not fs.ls(path, detail=False))
+    """True if anything but an empty directory is at ``path``; StoreError if it can't be reached."""
+    try:
+        if not fs.exists(path):
+            return False
+        return not (fs.isdir(path) and not fs.ls(path, detail=False))
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
+        if not is_io_error(e):
+            raise
+        raise StoreError(f"cannot reach {fs.unstrip_protocol(path)}: {_reason(e)}") from None
 
 
 def _has_zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -116,6 +163,56 @@ def _has_zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 
 def _reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def is_chunk_key(key: str) -> bool:
+    """True for a chunk object's key (``frames/c/0/0/0``), false for metadata (``zarr.json``)."""
+    return _CHUNK_KEY.search(key) is not None
+
+
+def chunk_key(array, i: int) -> str:
+    """Store key of chunk ``i`` (along the first axis) of a (sync or async) zarr ``array``."""
+    coords = (i,) + (0,) * (len(array.shape) - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def checksum(data) -> str:
+    """Hex sha256 of ``data`` (bytes or a contiguous uint8 buffer): a chunk's recorded checksum."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class _ChecksumStore(WrapperStore):
+    """Records the checksum of every chunk object written through it, and forgets deleted ones.
+
+    ``checksums`` (key -> hex sha256) is shared with copies zarr makes of the store.
+    """
+
+    def __init__(self, store, checksums: dict[str, str] | None = None):
+        super().__init__(store)
+        self.checksums = {} if checksums is None else checksums
+
+    def _with_store(self, store) -> "_ChecksumStore":
+        return type(self)(store, self.checksums)
+
+    async def set(self, key: str, value) -> None:
+        await self._store.set(key, value)
+        if is_chunk_key(key):
+            # hashlib releases the GIL: hashing in a thread overlaps the other arrays' encoding.
+            self.checksums[key] = await asyncio.to_thread(checksum, value.as_numpy_array())
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        self.checksums.pop(key, None)
+
+    async def rehash(self, key: str) -> None:
+        """Record the checksum of ``key`` as it is stored now (forget it if it is missing)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        value = await self._store.get(key, prototype=default_buffer_prototype())
+        if value is None:
+            self.checksums.pop(key, None)
+        else:
+            self.checksums[key] = checksum(value.as_numpy_array())
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +237,43 @@ def _check_format(url: str, attrs: dict) -> None:
         )
 
 
-def _open_group(url: str, storage_options: dict | None, read_only: bool) -> zarr.Group:
-    """Open an existing pipeline dataset group, or raise :class:`StoreError` saying why not."""
+def check_data_only(url: str, group: zarr.Group) -> None:
+    """Refuse a store holding anything but known JSON attrs and plain numeric arrays.
+
+    Runs before any chunk is read: unknown attrs keys, attrs on arrays or subgroups, non-numeric
+    dtypes (object, string), dtypes other than the layout's, zarr v2 arrays and codecs outside a
+    short list of plain compressors each raise :class:`StoreError` naming what was found.
+    """
+    unknown = sorted(set(group.attrs) - ATTRS_KEYS)
+    if unknown:
+        raise StoreError(f"{url} has unexpected attrs key(s) {', '.join(map(repr, unknown))}; "
+                         "a dataset store holds only its known attributes")
+    try:
+        members = list(group.members(max_depth=None))
+    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError) as e:
+        raise StoreError(f"{url} has an array zarr cannot open: {_reason(e)}") from None
+    for name, member in members:
+        if dict(member.attrs):
+            raise StoreError(f"{url}: {name} has attributes; a dataset keeps attributes at the top only")
+        if not isinstance(member, zarr.Array):
+            continue
+        dtype = np.dtype(member.dtype) if isinstance(member.dtype, np.dtype) else None
+        if member.metadata.zarr_format != 3 or dtype is None or dtype.kind not in "biuf":
+            raise StoreError(f"{url}: array {name} has dtype {member.dtype} (zarr format "
+                             f"{member.metadata.zarr_format}); a dataset holds only numeric zarr v3 arrays")
+        if name in _DTYPES and dtype != np.dtype(_DTYPES[name]):
+            raise StoreError(f"{url}: array {name} has dtype {dtype}, expected {_DTYPES[name]}")
+        codecs = {c.to_dict()["name"] for c in member.metadata.codecs}
+        if codecs - _SAFE_CODECS:
+            raise StoreError(f"{url}: array {name} uses codec(s) {sorted(codecs - _SAFE_CODECS)}; "
+                             f"allowed: {sorted(_SAFE_CODECS)}")
+
+
+def _open_group(url: str, storage_options: dict | None, read_only: bool, store=None) -> zarr.Group:
+    """Open an existing pipeline dataset group, or raise :class:`StoreError` saying why not.
+
+    ``store`` (a zarr store for ``url``) defaults to the plain one for the URL.
+    """
     fs, path = _fs_path(url, storage_options)
     if not _exists(fs, path):
         raise StoreError(f"no dataset store at {url}")
@@ -149,32 +281,50 @@ def _open_group(url: str, storage_options: dict | None, read_only: bool) -> zarr
         raise StoreError(f"{url} is not a pipeline dataset (no zarr group there)")
     try:
         group = zarr.open_group(
-            _zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
+            store or _zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
         )
     except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{url} is not a readable zarr group: {_reason(e)}") from None
     _check_format(url, dict(group.attrs))
+    check_data_only(url, group)
     return group
+
+
+def committed_ends(table: dict[str, np.ndarray], frame_stack: int) -> dict[str, int]:
+    """Rows of each data array (and ``episodes/<column>``) that the committed ``table`` occupies."""
+    n = len(table["length"])
+    ends = dict.fromkeys(_DATA_ARRAYS, 0)
+    if n:
+        t = int(table["length"][-1])
+        ends["frames"] = int(table["frame_offset"][-1]) + frame_stack + t
+        ends["vector"] = int(table["obs_offset"][-1]) + t + 1
+        for name in ("action", "reward", "terminated", "truncated"):
+            ends[name] = int(table["step_offset"][-1]) + t
+    ends.update({f"episodes/{name}": n for name in _EPISODE_COLUMNS})
+    return ends
+
+
+def _read_table(group: zarr.Group, n: int) -> dict[str, np.ndarray]:
+    table = {}
+    for name, dtype in _EPISODE_COLUMNS.items():
+        if name == "source" and name not in group["episodes"]:
+            table[name] = np.full(n, -1, dtype)  # written before stores recorded provenance
+        else:
+            table[name] = np.asarray(group["episodes"][name][:n])
+    return table
 
 
 def _committed(url: str, group: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The committed rows of the episodes table, and the rows of each data array they occupy."""
     n = int(group.attrs.get("committed_episodes", 0))
     try:
-        table = {name: np.asarray(group["episodes"][name][:n]) for name in _EPISODE_COLUMNS}
+        table = _read_table(group, n)
         lengths = {name: group[name].shape[0] for name in _DATA_ARRAYS}
     except KeyError as e:
         raise StoreError(f"{url} is corrupt: missing array {e}") from None
     if any(len(column) < n for column in table.values()):
         raise StoreError(f"{url} is corrupt: the episodes table has fewer than {n} committed rows")
-    ends = dict.fromkeys(_DATA_ARRAYS, 0)
-    if n:
-        t = int(table["length"][-1])
-        k = int(group.attrs["obs_spec"]["frame_stack"])
-        ends["frames"] = int(table["frame_offset"][-1]) + k + t
-        ends["vector"] = int(table["obs_offset"][-1]) + t + 1
-        for name in ("action", "reward", "terminated", "truncated"):
-            ends[name] = int(table["step_offset"][-1]) + t
+    ends = committed_ends(table, int(group.attrs["obs_spec"]["frame_stack"]))
     short = [name for name in _DATA_ARRAYS if lengths[name] < ends[name]]
     if short:
         raise StoreError(f"{url} is corrupt: {short[0]} is shorter than its committed episodes")
@@ -189,12 +339,25 @@ class TransitionStore:
     (an append in progress, or a crashed one): index them through the episode offsets.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, cache: str | None = None):
+        """``url``: a path or any fsspec URL (``s3://bucket/a.zarr``; chained ones such as
+        ``simplecache::s3://...`` too). ``cache``: a local folder keeping a copy of every chunk
+        read, keyed by its checksum, so a second run reads a remote store from disk and a chunk
+        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``)."""
         self.url = str(url)
-        self.group = _open_group(self.url, storage_options, read_only=True)
+        store = None
+        if cache is not None:
+            from pipeline.datasets.remote import ChunkCacheStore
+
+            store = ChunkCacheStore(_zarr_store(self.url, storage_options, True), cache)
+        self.group = _open_group(self.url, storage_options, read_only=True, store=store)
         self.attrs: dict = dict(self.group.attrs)
+        if store is not None:
+            store.checksums = dict((self.attrs.get("checksums") or {}).get("chunks", {}))
         self.meta: dict = dict(self.attrs.get("meta") or {})
         self.routes: list[str] = list(self.attrs.get("routes", []))
+        #: Merged stores: where each source came from (``episodes["source"]`` indexes this).
+        self.sources: list[dict] = list(self.attrs.get("sources", []))
         self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
         self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
         self.episodes, ends = _committed(self.url, self.group)
@@ -315,12 +478,18 @@ class TransitionStore:
             "created": self.attrs.get("created"),
             "software_version": self.attrs.get("software_version"),
             "meta": self.meta,
+            "appends": list(self.attrs.get("appends", [])),
+            "sources": [
+                {**source, "episodes_here": int(np.sum(self.episodes["source"] == j))}
+                for j, source in enumerate(self.sources)
+            ],
+            "recorded_here": int(np.sum(self.episodes["source"] < 0)),
         }
 
 
-def open_store(url: str, storage_options: dict | None = None) -> TransitionStore:
+def open_store(url: str, storage_options: dict | None = None, cache: str | None = None) -> TransitionStore:
     """Open a dataset store for reading (see :class:`TransitionStore`)."""
-    return TransitionStore(url, storage_options)
+    return TransitionStore(url, storage_options, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +540,12 @@ class _Column:
         if self.array.shape[0] != self.end:
             await self.array.resize((self.end, *self.array.shape[1:]))
 
+    def tail_key(self) -> str | None:
+        """Store key of the chunk holding the committed end, or None when the end is aligned."""
+        if self.end % self.chunk == 0:
+            return None
+        return chunk_key(self.array, self.end // self.chunk)
+
 
 def _gather(*coroutines) -> None:
     """Run zarr writes concurrently on zarr's event loop: encoding and I/O of arrays overlap."""
@@ -397,7 +572,9 @@ class EpisodeWriter:
 
     ``mode``: ``"create"`` (nothing may exist at ``url``), ``"append"`` (continue an existing store
     of the same specs, cutting off uncommitted tails; creates when nothing exists) or
-    ``"overwrite"`` (delete the zarr store at ``url``, then create).
+    ``"overwrite"`` (delete the zarr store at ``url``, then create). ``sources`` (new stores only):
+    where the episodes come from when the store is made from other stores (``datasets merge``),
+    one JSON-able dict per source; :meth:`append` takes the index of each episode's source.
 
     >>> with EpisodeWriter("runs/a.zarr", ObsSpec(), meta={"policy": "random"}) as writer:
     ...     writer.append(episode)          # returns the committed episode count
@@ -411,6 +588,7 @@ class EpisodeWriter:
         meta: dict | None = None,
         mode: str = "create",
         storage_options: dict | None = None,
+        sources: list[dict] | None = None,
     ):
         if mode not in ("create", "append", "overwrite"):
             raise ValueError(f"mode must be 'create', 'append' or 'overwrite', not {mode!r}")
@@ -426,14 +604,19 @@ class EpisodeWriter:
             )
         if mode == "overwrite" and exists:
             self._delete(fs, path)
+        if sources is not None and mode == "append" and exists:
+            raise ValueError("sources can only be given to a new store")
+        # Every chunk written or deleted goes through this store, which keeps the checksums.
+        self._store = _ChecksumStore(_zarr_store(self.url, storage_options, False))
         try:
             if mode == "append" and exists:
                 self.group = self._open_for_append(meta)
             else:
-                self.group = self._create(meta)
+                self.group = self._create(meta, _json_meta({"sources": sources or []})["sources"])
         except OSError as e:
             raise StoreError(f"cannot write dataset store at {self.url}: {_reason(e)}") from None
         self._routes: list[str] = list(self.group.attrs["routes"])
+        self._num_sources = len(self.group.attrs.get("sources", []))
         self._closed = False
 
     # -- opening
@@ -447,8 +630,8 @@ class EpisodeWriter:
         except OSError as e:
             raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
 
-    def _create(self, meta: dict) -> zarr.Group:
-        group = zarr.open_group(_zarr_store(self.url, self.storage_options, False), mode="w-")
+    def _create(self, meta: dict, sources: list[dict]) -> zarr.Group:
+        group = zarr.open_group(self._store, mode="w-")
         s, d, a = self.obs_spec.image_size, self.obs_spec.vector_dim, self.action_spec.dim
         specs = {  # name -> (shape, chunks, dtype, codec, dimension names)
             "frames": ((0, s, s), (FRAME_CHUNK, s, s), "uint8", _BYTE_CODEC, ("frame", "y", "x")),
@@ -475,6 +658,7 @@ class EpisodeWriter:
             {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
+                "id": uuid.uuid4().hex,
                 "obs_spec": self.obs_spec.to_dict(),
                 "action_spec": self.action_spec.to_dict(),
                 "routes": [],
@@ -483,6 +667,8 @@ class EpisodeWriter:
                 "created": _now(),
                 "committed_episodes": 0,
                 "appends": [],
+                "checksums": self._checksums_attr(),
+                "sources": sources,
             }
         )
         self._columns = {name: _Column(group[name], 0) for name in _DATA_ARRAYS}
@@ -491,8 +677,9 @@ class EpisodeWriter:
         return group
 
     def _open_for_append(self, meta: dict) -> zarr.Group:
-        group = _open_group(self.url, self.storage_options, read_only=False)
+        group = _open_group(self.url, self.storage_options, read_only=False, store=self._store)
         attrs = dict(group.attrs)
+        self._store.checksums.update((attrs.get("checksums") or {}).get("chunks", {}))
         stored = ObsSpec.from_dict(attrs["obs_spec"])
         self.obs_spec.check_compatible(stored, f"dataset store {self.url}")
         stored_action = ActionSpec.from_dict(attrs["action_spec"])
@@ -503,19 +690,32 @@ class EpisodeWriter:
             )
         table, ends = _committed(self.url, group)
         self._committed = len(table["length"])
+        if "source" not in group["episodes"]:  # a store from before provenance was recorded
+            column = group["episodes"].create_array(
+                "source", shape=(self._committed,), chunks=(EPISODE_CHUNK,), dtype="int16",
+                compressors=_NUMBER_CODEC, fill_value=0, dimension_names=("episode",))
+            column[:] = table["source"]
         self._columns = {name: _Column(group[name], ends[name]) for name in _DATA_ARRAYS}
         self._table = {
             name: _Column(group["episodes"][name], self._committed) for name in _EPISODE_COLUMNS
         }
-        # Cut off what a crashed writer left past the committed rows before anything is added.
+        # A writer that died between its data and its commit rewrote the chunk holding each
+        # committed end (committed rows + its uncommitted ones): record what is there now, then
+        # cut off what it left past the committed rows before anything is added.
+        columns = (*self._columns.values(), *self._table.values())
+        _gather(*(self._store.rehash(c.tail_key()) for c in columns
+                  if c.tail_key() and c.array.shape[0] > c.end))
         self._trim()
         appends = list(attrs.get("appends", []))
         appends.append(
             {"opened": _now(), "first_episode": self._committed, "meta": meta,
              "software_version": pipeline.__version__}
         )
-        group.update_attributes({"appends": appends})
+        group.update_attributes({"appends": appends, "checksums": self._checksums_attr()})
         return group
+
+    def _checksums_attr(self) -> dict:
+        return {"algorithm": CHECKSUM_ALGORITHM, "chunks": dict(self._store.checksums)}
 
     # -- appending
 
@@ -552,14 +752,17 @@ class EpisodeWriter:
             raise ValueError(f"unknown termination {ep.termination!r}; known: {TERMINATION_NAMES}")
         return arrays
 
-    def append(self, episode: Episode) -> int:
+    def append(self, episode: Episode, source: int = -1) -> int:
         """Write one whole episode and commit it; returns the new committed episode count.
 
+        ``source``: index into the store's ``sources`` (-1: recorded into this store).
         Raises :class:`StoreError` if the store cannot be written; the episodes committed before
         stay intact and the next ``append`` (or an append-open) overwrites the partial one.
         """
         if self._closed:
             raise StoreError(f"writer for {self.url} is closed")
+        if not -1 <= source < self._num_sources:
+            raise ValueError(f"source {source} out of range ({self._num_sources} sources)")
         arrays = self._check_episode(episode)
         routes = self._routes if episode.route in self._routes else [*self._routes, episode.route]
         row = {
@@ -571,6 +774,7 @@ class EpisodeWriter:
             "seed": episode.seed,
             "route": routes.index(episode.route),
             "termination": TERMINATION_NAMES.index(episode.termination),
+            "source": source,
         }
         try:
             self._write_data(arrays)
@@ -601,8 +805,10 @@ class EpisodeWriter:
         )
 
     def _commit(self, committed: int, routes: list[str]) -> None:
-        # One metadata document: routes and the count change together, atomically.
-        self.group.update_attributes({"routes": routes, "committed_episodes": committed})
+        # One metadata document: routes, checksums and the count change together, atomically.
+        self.group.update_attributes(
+            {"routes": routes, "committed_episodes": committed, "checksums": self._checksums_attr()}
+        )
 
     def _trim(self) -> None:
         _gather(*(column.trim() for column in (*self._columns.values(), *self._table.values())))
@@ -616,7 +822,10 @@ class EpisodeWriter:
         if not self._closed:
             self._closed = True
             try:
+                before = dict(self._store.checksums)
                 self._trim()
+                if self._store.checksums != before:  # trimming deleted chunks
+                    self.group.update_attributes({"checksums": self._checksums_attr()})
             except OSError as e:
                 raise StoreError(f"cannot finish {self.url}: {_reason(e)}") from None
 
