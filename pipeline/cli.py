@@ -195,14 +195,20 @@ def routes(backend):
 # ---------------------------------------------------------------------------------------------
 @cli.group()
 def datasets():
-    """Inspect and share dataset stores (paths or fsspec URLs)."""
+    """Inspect and share dataset stores (paths or fsspec URLs).
+
+    \b
+    Remote URLs (s3://, gs://, ...) take credentials and endpoints from the environment or
+    fsspec's config, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and FSSPEC_S3_ENDPOINT_URL;
+    nothing of them is written into a store. See docs/sharing.md.
+    """
 
 
 @datasets.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(path, as_json):
-    """Episodes, transitions, returns, routes, policy, spec and bytes of a store.
+    """Episodes, transitions, returns, routes, policy, spec, bytes and provenance of a store.
 
     \b
     Example:
@@ -217,6 +223,121 @@ def info(path, as_json):
     from pipeline.datasets.report import print_summary
 
     print_summary(path, summary)
+
+
+def _copy(src: str, dst: str, overwrite: bool, quiet: bool) -> None:
+    from pipeline.datasets.remote import copy_store
+
+    try:
+        result = copy_store(src, dst, overwrite=overwrite, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume the copy", err=True)
+        sys.exit(130)
+    from pipeline.datasets.report import copy_line
+
+    click.echo(copy_line(result))
+
+
+@datasets.command()
+@click.argument("src")
+@click.argument("url")
+@click.option("--overwrite", is_flag=True, help="Replace another dataset store at URL.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def push(src, url, overwrite, quiet):
+    """Copy the store SRC to URL, resumably, then verify the copy.
+
+    Chunks already at URL with the same size and checksum are skipped: re-run after an
+    interruption to resume, or after SRC grew to send only what changed.
+
+    \b
+    Example:
+      pipeline datasets push runs/a.zarr s3://team-bucket/datasets/a.zarr
+    """
+    _copy(src, url, overwrite, quiet)
+
+
+@datasets.command()
+@click.argument("url")
+@click.argument("dst")
+@click.option("--overwrite", is_flag=True, help="Replace another dataset store at DST.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def pull(url, dst, overwrite, quiet):
+    """Copy the store at URL to DST, resumably, then verify the copy.
+
+    \b
+    Example:
+      pipeline datasets pull s3://team-bucket/datasets/a.zarr data/a.zarr
+    """
+    _copy(url, dst, overwrite, quiet)
+
+
+@datasets.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(path, as_json, quiet):
+    """Check a store: format, spec, episodes table, array lengths and every chunk's checksum.
+
+    Prints each problem found (missing chunk, corrupt chunk, truncated array, ...) and exits 1
+    if there is any.
+
+    \b
+    Example:
+      pipeline datasets verify s3://team-bucket/datasets/a.zarr
+    """
+    from pipeline.datasets.remote import verify_store
+
+    report = verify_store(path, progress=not quiet and not as_json).to_dict()
+    if as_json:
+        _echo_json(report)
+    else:
+        from pipeline.datasets.report import print_verify
+
+        print_verify(report)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@datasets.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="The new merged store (path or URL).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset store already at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge(sources, out, overwrite, quiet):
+    """Concatenate stores with the same specs into a new store, recording each episode's source.
+
+    \b
+    Example:
+      pipeline datasets merge runs/alice.zarr s3://team-bucket/bob.zarr -o runs/team.zarr
+    """
+    from pipeline.datasets.merge import merge_stores
+
+    result = merge_stores(list(sources), out, overwrite=overwrite, progress=not quiet)
+    click.echo(f"{result['episodes']} episodes ({result['transitions']} transitions) from "
+               f"{len(result['sources'])} source(s) in {result['out']}")
+
+
+@datasets.command()
+@click.argument("path")
+@click.option("--png", default=None, help="Also plot the statistics into this PNG file.")
+@click.option("--bins", type=int, default=20, show_default=True, help="Histogram bins.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(path, png, bins, as_json):
+    """Out-of-core statistics: vector mean/std per field, reward and action histograms.
+
+    \b
+    Example:
+      pipeline datasets stats runs/a.zarr --png runs/a-stats.png
+    """
+    from pipeline.datasets.stats import dataset_stats
+
+    result = dataset_stats(path, bins=bins, png=png)
+    if as_json:
+        _echo_json(result)
+        return
+    from pipeline.datasets.report import print_stats
+
+    print_stats(result)
 
 
 # ---------------------------------------------------------------------------------------------

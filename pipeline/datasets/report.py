@@ -37,13 +37,108 @@ def print_summary(path: str, summary: dict, console: Console | None = None) -> N
         ("mean length", f"{summary.get('length_mean', nan):.1f} steps"),
         ("endings", ", ".join(f"{k or 'none'}: {v}" for k, v in summary.get("terminations", {}).items())),
         ("routes", ", ".join(f"{name} ({count} episodes)" for name, count in summary.get("routes", {}).items())),
-        ("policy", str(summary.get("policy"))),
+        ("policy", _policy(summary.get("meta") or {}) or ("see provenance" if summary.get("sources") else "unknown")),
         ("obs spec", _describe_spec(summary["obs_spec"])),
         ("bytes stored", _fmt_bytes(summary.get("bytes_stored", 0))),
         ("bytes per transition", f"{summary.get('bytes_per_transition', 0):.0f}"),
         ("created", str(summary.get("created", ""))),
         ("software version", str(summary.get("software_version", ""))),
     ]
+    rows += _card_rows(summary)
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    if summary.get("sources"):
+        console.print(_sources_table(summary))
+
+
+def _who(meta: dict) -> str:
+    by, on = meta.get("recorded_by"), meta.get("recorded_on")
+    return f"{by or '?'}@{on or '?'}" if by or on else ""
+
+
+def _policy(meta: dict) -> str:
+    policy = meta.get("policy")
+    if policy is None:
+        return ""
+    return f"{policy} (noise {meta['noise']})" if meta.get("noise") else str(policy)
+
+
+def _card_rows(summary: dict) -> list[tuple[str, str]]:
+    """The dataset card: who recorded it where, with what, and how it was extended since."""
+    meta = summary.get("meta") or {}
+    rows = [
+        ("format", f"{summary.get('format')} v{summary.get('format_version')}"),
+        ("recorded by", _who(meta)),
+        ("backend", str(meta.get("backend", ""))),
+        ("resumed / appended", f"{len(summary.get('appends') or [])} time(s)"),
+    ]
+    if summary.get("sources"):
+        rows.append(("merged from", f"{len(summary['sources'])} source(s), "
+                                    f"{summary.get('recorded_here', 0)} episode(s) recorded here"))
+    return [(k, v) for k, v in rows if v]
+
+
+def _sources_table(summary: dict) -> Table:
+    table = Table(title="provenance (episodes/source)", title_justify="left")
+    for column in ("#", "source", "created", "recorded by", "policy", "episodes here"):
+        table.add_column(column)
+    for i, source in enumerate(summary["sources"]):
+        meta = source.get("meta") or {}
+        table.add_row(str(i), str(source.get("url")), str(source.get("created")), _who(meta),
+                      _policy(meta), str(source.get("episodes_here", "")))
+    return table
+
+
+def copy_line(result: dict) -> str:
+    """One line about a :func:`~pipeline.datasets.remote.copy_store` result."""
+    return (f"{result['episodes']} episodes in {result['destination']}: {result['copied']} objects copied "
+            f"({_fmt_bytes(result['bytes_copied'])}), {result['skipped']} already there "
+            f"({_fmt_bytes(result['bytes_skipped'])}); verified {result['verify']['chunks_checked']} chunks")
+
+
+def print_verify(report: dict, console: Console | None = None) -> None:
+    """Print a :class:`~pipeline.datasets.remote.VerifyReport` (as a dict): one line per problem."""
+    console = console or Console(highlight=False, soft_wrap=True)  # one problem, one line
+    for problem in report["problems"]:
+        console.print(f"[red]{problem['kind']}[/red] {problem['where']}: {problem['message']}")
+    for note in report["notes"]:
+        console.print(f"[yellow]note[/yellow] {note}")
+    checked = f"{report['chunks_checked']} chunks ({_fmt_bytes(report['bytes_checked'])})"
+    if report["problems"]:
+        console.print(f"{report['url']}: {len(report['problems'])} problem(s); {checked} checked")
+    else:
+        console.print(f"{report['url']}: OK, {report['episodes']} episodes; {checked} match their checksums")
+
+
+def print_stats(stats: dict, console: Console | None = None) -> None:
+    """Print :func:`~pipeline.datasets.stats.dataset_stats` output as tables."""
+    console = console or Console()
+    console.print(f"{stats['url']}: {stats['episodes']} episodes, {stats['transitions']} transitions, "
+                  f"{stats['terminated']} terminated, {stats['truncated']} truncated")
+    if not stats["transitions"]:
+        return
+    fields = Table(title="vector", title_justify="left")
+    for column in ("field", "mean", "std", "non-finite"):
+        fields.add_column(column, justify="right" if column != "field" else "left")
+    v = stats["vector"]
+    for name, mean, std, bad in zip(v["fields"], v["mean"], v["std"], v["nonfinite"]):
+        fields.add_row(name, f"{mean:.4g}", f"{std:.4g}", str(bad))
+    console.print(fields)
+    r, a = stats["reward"], stats["action"]
+    console.print(f"reward: mean {r['mean']:.4g}, std {r['std']:.4g}, min {r['min']:.4g}, max {r['max']:.4g}")
+    console.print(f"reward histogram: {_sparkline(r['hist']['counts'])}  [{r['min']:.3g}, {r['max']:.3g}]")
+    for j, name in enumerate(a["fields"]):
+        console.print(f"action {name}: mean {a['mean'][j]:.3g}, std {a['std'][j]:.3g}, "
+                      f"{_sparkline(a['hist'][j]['counts'])}  [-1, 1], {a['outside'][j]} outside")
+    for key in ("return", "length"):
+        d = stats[key]
+        console.print(f"episode {key}: mean {d['mean']:.4g}, std {d['std']:.4g}, min {d['min']:.4g}, max {d['max']:.4g}")
+    if stats.get("png"):
+        console.print(f"plot: {stats['png']}")
+
+
+def _sparkline(counts: list[int]) -> str:
+    blocks = " ▁▂▃▄▅▆▇█"
+    top = max(counts) or 1
+    return "".join(blocks[round(c / top * (len(blocks) - 1))] for c in counts)
