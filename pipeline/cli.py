@@ -104,6 +104,7 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--data", default=None, help="Dataset store path or fsspec URL. Without it: pure online.")
+@click.option("--data-cache", default=None, help="Local folder caching a remote --data store's chunks.")
 @click.option("--online-mix", type=float, default=0.5, show_default=True,
               help="Share of each batch from fresh rollouts; 0 = pure offline.")
 @click.option("--route", default=None, help="Route for rollouts [default: the dataset's, else racetrack].")
@@ -136,7 +137,7 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @carla_options
-def train(data, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
+def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
           encoder_update, bc_alpha, n_step, gamma, no_augment, replay_memory, online_capacity, device, compile_,
           checkpoint_every, eval_every, eval_episodes, log_every, vector_fields, traffic, out, resume, seed, quiet,
           carla_host, carla_port):
@@ -154,7 +155,7 @@ def train(data, online_mix, route, steps, batch_size, online_every, online_steps
     if resume and out is None:
         raise PipelineError("--resume needs the --out of the run to continue")
     config = TrainConfig(
-        out=out or _default_run_name(), data=data, route=route, steps=steps, batch_size=batch_size,
+        out=out or _default_run_name(), data=data, data_cache=data_cache, route=route, steps=steps, batch_size=batch_size,
         online_mix=online_mix, online_every=online_every, online_steps=online_steps,
         exploration_noise=exploration_noise, warmup_steps=warmup_steps, online_capacity=online_capacity,
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,

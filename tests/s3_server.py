@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import fsspec
 import pytest
+from moto.server import ThreadedMotoServer  # a test dependency: missing it must fail, not skip
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -39,9 +40,7 @@ class S3:
 @pytest.fixture(scope="session")
 def s3_server():
     """The endpoint URL of a moto S3 server on 127.0.0.1 (a free port), for the whole session."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

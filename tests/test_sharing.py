@@ -105,12 +105,13 @@ def test_push_then_pull_over_s3_is_bit_exact_verified_and_holds_no_credentials(s
 def test_train_streams_a_few_updates_from_s3(s3, tmp_path):
     url = s3.url("a.zarr")
     copy_store(local_store(tmp_path, episodes=[make_episode(i, 30) for i in range(3)], spec=ObsSpec()), url)
-    out = tmp_path / "run"
-    result = run("train", "--data", url, "--steps", "3", "--batch-size", "8", "--online-every", "0",
-                 "--out", out, "--quiet", env=s3.env(), timeout=300)
+    out, cache = tmp_path / "run", tmp_path / "chunk-cache"
+    result = run("train", "--data", url, "--data-cache", cache, "--steps", "3", "--batch-size", "8",
+                 "--online-every", "0", "--out", out, "--quiet", env=s3.env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "last.pt").is_file()
     assert "3 updates" in result.stdout
+    assert any(p.is_file() for p in cache.rglob("*")), "the remote chunks were cached locally"
 
 
 def test_push_interrupted_then_resumed_copies_only_the_rest(s3, tmp_path, monkeypatch):

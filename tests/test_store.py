@@ -31,6 +31,7 @@ from pipeline.datasets.store import (
 )
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
+from tests.s3_server import s3, s3_server  # noqa: F401  (pytest fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ObsSpec()
@@ -392,28 +393,15 @@ def test_memory_url_round_trip():
     assert store.nbytes_stored() > 0
 
 
-def test_s3_url_round_trip(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            monkeypatch.setenv(name, "testing")  # credentials come from the environment
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        options = {"endpoint_url": f"http://{host}:{port}"}
-        s3fs.S3FileSystem(**options).mkdir("bucket")
-        url = "s3://bucket/runs/a.zarr"
-        episodes = [make_episode(0, 20), make_episode(1, 30)]
-        write(url, episodes, storage_options=options)
-        write(url, [make_episode(2, 5)], storage_options=options, mode="append")
-        store = TransitionStore(url, storage_options=options)
-        assert store.num_episodes == 3
-        assert_episode_equal(store.episode(1), episodes[1])
-        assert "key" not in json.dumps(store.attrs).lower()  # no credentials stored
-    finally:
-        server.stop()
+def test_s3_url_round_trip(s3):
+    url = s3.url("runs/a.zarr")  # endpoint and credentials come from the environment only
+    episodes = [make_episode(0, 20), make_episode(1, 30)]
+    write(url, episodes)
+    write(url, [make_episode(2, 5)], mode="append")
+    store = TransitionStore(url)
+    assert store.num_episodes == 3
+    assert_episode_equal(store.episode(1), episodes[1])
+    assert "key" not in json.dumps(store.attrs).lower()  # no credentials stored
 
 
 def test_store_holds_only_numeric_arrays_and_json_attrs(tmp_path):

@@ -35,6 +35,7 @@ from pipeline.errors import PipelineError
 class TrainConfig:
     out: str
     data: str | None = None  # dataset store path/URL; None = pure online
+    data_cache: str | None = None  # local folder caching a remote dataset's chunks
     route: str | None = None  # default: the dataset's route, else racetrack
     steps: int = 100_000  # gradient updates
     batch_size: int = 256
@@ -153,7 +154,7 @@ def _open_dataset(config: TrainConfig):
 
     if config.data is None:
         return None
-    return TransitionStore(config.data)
+    return TransitionStore(config.data, cache=config.data_cache)
 
 
 def _env_for(config: TrainConfig, store):
