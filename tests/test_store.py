@@ -195,7 +195,7 @@ def _crash_in(monkeypatch, step: str):
 
 
 @pytest.mark.parametrize("url_kind", ["local", "memory"])
-@pytest.mark.parametrize("crash_before", ["_write_row", "_commit"])
+@pytest.mark.parametrize("crash_before", ["_write_rows", "_commit"])
 def test_crashed_append_is_invisible_and_truncated_on_append_open(
     tmp_path, monkeypatch, crash_before, url_kind
 ):
@@ -468,3 +468,19 @@ def test_summary_of_an_empty_store(tmp_path):
     summary = TransitionStore(url).summary()
     assert summary["episodes"] == summary["transitions"] == 0
     assert summary["return_mean"] is None and summary["bytes_per_transition"] is None
+
+
+def test_append_many_commits_a_batch_like_single_appends(tmp_path):
+    episodes = [make_episode(i, length) for i, length in enumerate((5, 0, 300, 17))]
+    one_by_one, batched = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    with EpisodeWriter(one_by_one, SPEC) as writer:
+        for ep in episodes:
+            writer.append(ep)
+    with EpisodeWriter(batched, SPEC) as writer:
+        assert writer.append_many(episodes[:1]) == 1
+        assert writer.append_many(episodes[1:]) == 4
+    a, b = TransitionStore(one_by_one), TransitionStore(batched)
+    for name in a.episodes:
+        np.testing.assert_array_equal(a.episodes[name], b.episodes[name])
+    for i, ep in enumerate(episodes):
+        assert_episode_equal(b.episode(i), ep)

@@ -759,27 +759,52 @@ class EpisodeWriter:
         Raises :class:`StoreError` if the store cannot be written; the episodes committed before
         stay intact and the next ``append`` (or an append-open) overwrites the partial one.
         """
+        return self.append_many([episode], [source])
+
+    def append_many(self, episodes: list[Episode], sources: list[int] | None = None) -> int:
+        """Write several whole episodes and commit them together; returns the committed count.
+
+        Same guarantees as :meth:`append`, with one data write, one row write and one commit for
+        the lot, which is what keeps a writer of many short episodes off the collector's back.
+        """
         if self._closed:
             raise StoreError(f"writer for {self.url} is closed")
-        if not -1 <= source < self._num_sources:
-            raise ValueError(f"source {source} out of range ({self._num_sources} sources)")
-        arrays = self._check_episode(episode)
-        routes = self._routes if episode.route in self._routes else [*self._routes, episode.route]
-        row = {
-            "frame_offset": self._columns["frames"].end,
-            "obs_offset": self._columns["vector"].end,
-            "step_offset": self._columns["action"].end,
-            "length": episode.length,
-            "return": episode.episode_return,
-            "seed": episode.seed,
-            "route": routes.index(episode.route),
-            "termination": TERMINATION_NAMES.index(episode.termination),
-            "source": source,
-        }
+        sources = [-1] * len(episodes) if sources is None else list(sources)
+        if len(sources) != len(episodes):
+            raise ValueError("give one source per episode")
+        if not episodes:
+            return self._committed
+        routes = list(self._routes)
+        ends = {name: self._columns[name].end for name in ("frames", "vector", "action")}
+        data: dict[str, list[np.ndarray]] = {}
+        rows: dict[str, list] = {name: [] for name in _EPISODE_COLUMNS}
+        for episode, source in zip(episodes, sources):
+            if not -1 <= source < self._num_sources:
+                raise ValueError(f"source {source} out of range ({self._num_sources} sources)")
+            arrays = self._check_episode(episode)
+            if episode.route not in routes:
+                routes.append(episode.route)
+            row = {
+                "frame_offset": ends["frames"],
+                "obs_offset": ends["vector"],
+                "step_offset": ends["action"],
+                "length": episode.length,
+                "return": episode.episode_return,
+                "seed": episode.seed,
+                "route": routes.index(episode.route),
+                "termination": TERMINATION_NAMES.index(episode.termination),
+                "source": source,
+            }
+            for name, value in row.items():
+                rows[name].append(value)
+            for name, value in arrays.items():
+                data.setdefault(name, []).append(value)
+            for name in ends:
+                ends[name] += len(arrays[name])
         try:
-            self._write_data(arrays)
-            self._write_row(row)
-            self._commit(self._committed + 1, routes)
+            self._write_data({name: np.concatenate(parts) for name, parts in data.items()})
+            self._write_rows({name: np.array(values, dtype=_EPISODE_COLUMNS[name]) for name, values in rows.items()})
+            self._commit(self._committed + len(episodes), routes)
         except OSError as e:
             raise StoreError(
                 f"writing episode {self._committed} to {self.url} failed ({_reason(e)}); "
@@ -787,7 +812,7 @@ class EpisodeWriter:
             ) from None
         for column in (*self._columns.values(), *self._table.values()):
             column.commit()
-        self._committed += 1
+        self._committed += len(episodes)
         self._routes = routes
         return self._committed
 
@@ -796,13 +821,8 @@ class EpisodeWriter:
     def _write_data(self, arrays: dict[str, np.ndarray]) -> None:
         _gather(*(self._columns[name].write(rows) for name, rows in arrays.items()))
 
-    def _write_row(self, row: dict) -> None:
-        _gather(
-            *(
-                self._table[name].write(np.array([value], dtype=_EPISODE_COLUMNS[name]))
-                for name, value in row.items()
-            )
-        )
+    def _write_rows(self, rows: dict[str, np.ndarray]) -> None:
+        _gather(*(self._table[name].write(values) for name, values in rows.items()))
 
     def _commit(self, committed: int, routes: list[str]) -> None:
         # One metadata document: routes, checksums and the count change together, atomically.
