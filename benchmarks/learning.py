@@ -23,10 +23,11 @@ Outputs, next to each other: ``<out>.json`` (hardware, config, every run's curve
 mean/std over seeds, the issue's targets with their measured figures), ``<out>.png`` (route
 completion and return vs env steps, mean and std over seeds) and ``<out>.md`` (the README table).
 ``--throughput-updates N`` also runs ``benchmarks/learner_throughput.py`` on the same device (ours vs
-SB3 at ``--batch-size``, with and without torch.compile / bf16) and records it in the same files.
+SB3 at ``--throughput-batch-size``, 256 by default, with and without torch.compile / bf16) and
+records it in the same files.
 
     # the full benchmark on a GPU (a few hours on one H100; --jobs runs trainings side by side)
-    python benchmarks/learning.py --device cuda --jobs 8 --throughput-updates 50
+    python benchmarks/learning.py --device cuda --jobs 8 --threads 2 --throughput-updates 50
     # CPU smoke scale (2 cores): tiny budget, fewer updates per env step
     nice -n 10 python benchmarks/learning.py --device cpu --threads 1 --budget 2500 --warmup 500 \\
         --train-freq 4 --batch-size 64 --seeds 0 --variants critic frozen sb3 --starts online \\
@@ -44,6 +45,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,13 +110,16 @@ class Schedule:
 
     warmup: int  # random env steps before the first update (0 with a dataset)
     eval_points: tuple[int, ...]  # env steps (warm-up included) at which the policy is evaluated
-    updates: int  # gradient updates in total
     chunk_steps: int  # ours: env steps per rollout chunk ...
     chunk_updates: int  # ... followed by this many updates (same ratio as train_freq:gradient_steps)
 
     @property
     def env_steps(self) -> int:
         return self.eval_points[-1]
+
+    @property
+    def updates(self) -> int:
+        return self.updates_at(self.env_steps)
 
     def updates_at(self, env_steps: int) -> int:
         return (env_steps - self.warmup) // self.chunk_steps * self.chunk_updates
@@ -132,7 +137,7 @@ def make_schedule(job: Job) -> Schedule:
     m = max(d for d in range(1, max(1, 50 // job.train_freq) + 1) if phases % d == 0)
     chunk_steps, chunk_updates = job.train_freq * m, job.gradient_steps * m
     points = tuple(warmup + k * job.eval_every for k in range(1, periods + 1))
-    return Schedule(warmup, points, (points[-1] - warmup) // chunk_steps * chunk_updates, chunk_steps, chunk_updates)
+    return Schedule(warmup, points, chunk_steps, chunk_updates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ def learner_throughput(args, on_cuda: bool) -> list[dict]:
     rows = []
     for compile_, amp in combos:
         cmd = [sys.executable, str(REPO / "benchmarks" / "learner_throughput.py"), "--device", args.device,
-               "--batch-size", str(args.batch_size), "--updates", str(args.throughput_updates)]
+               "--batch-size", str(args.throughput_batch_size), "--updates", str(args.throughput_updates)]
         cmd += ["--compile"] * compile_ + ["--no-amp"] * (amp is False)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         if args.threads:
@@ -393,7 +398,7 @@ def learner_throughput(args, on_cuda: bool) -> list[dict]:
             last = ((out.stderr or out.stdout).strip().splitlines() or ["no output"])[-1]
             raise PipelineError(f"learner_throughput.py failed: {last}")
         ours, ratio, wait = map(float, found.groups())
-        rows.append({"compile": compile_, "bf16": amp, "batch_size": args.batch_size,
+        rows.append({"compile": compile_, "bf16": amp, "batch_size": args.throughput_batch_size,
                      "updates": args.throughput_updates, "ours_updates_per_s": ours,
                      "sb3_updates_per_s": ours / ratio, "ratio": ratio, "replay_wait": wait})
         print(f"throughput compile={compile_} bf16={amp}: ours {ours:.2f}/s, SB3 {ours / ratio:.2f}/s, x{ratio:.2f}")
@@ -445,7 +450,9 @@ def targets(summary: dict, throughput: list[dict], on_cuda: bool) -> list[dict]:
     rows = []
 
     def ratio_target(name, setting, start, metric, need):
-        a, b = _final(summary, f"{setting}/{start}/critic", metric), _final(summary, f"{setting}/{start}/frozen", metric)
+        a, b = (_final(summary, f"{setting}/{start}/{v}", metric) for v in ("critic", "frozen"))
+        if a is None and b is None:
+            return  # neither was run
         ratio = a / b if a is not None and b else None  # frozen at 0: no ratio, any progress passes
         passed = None if a is None or b is None else (ratio >= need if ratio is not None else a > 0)
         rows.append({"target": name, "setting": setting, "start": start, "critic": a, "frozen": b,
@@ -542,7 +549,10 @@ def markdown(report: dict) -> str:
         f"{cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch {cfg['batch_size']}; "
         f"evaluation every {cfg['eval_every']} env steps on {cfg['eval_episodes']} fixed seeds, final on "
         f"{cfg['final_episodes']} (seeds {EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). "
-        f"Image setting: vector = speed only, traffic {cfg['traffic']}. Wall time {report['wall_s'] / 60:.1f} min.",
+        f"Image setting: vector = speed only, traffic {cfg['traffic']}. "
+        f"Training runs took {report['runs_wall_s'] / 60:.1f} min in all.",
+        "",
+        "Final evaluation, mean ± std over seeds:",
         "",
         "| setting | start | variant | seeds | env steps | updates | route completion % | driving score | return "
         "| episode length | updates/s (whole run) |",
@@ -554,11 +564,14 @@ def markdown(report: dict) -> str:
                      f"{g['env_steps']['mean']:.0f} | {g['updates']['mean']:.0f} | {_pm(f['route_completion'])} | "
                      f"{_pm(f['driving_score'])} | {_pm(f['episode_return'], 2)} | {_pm(f['length'])} | "
                      f"{g['updates_per_s']['mean']:.2f} |")
-    lines += ["", "Targets (from the issue):", "", "| target | where | measured | passed |", "|---|---|---|---|"]
+    verdict = "" if hw["device"] == "cuda" else " (not on a GPU: figures for reference, not a verdict)"
+    lines += ["", f"Targets from the issue{verdict}:", "",
+              "| target | where | measured | passed |", "|---|---|---|---|"]
     for t in report["targets"]:
         where = " / ".join(str(t[k]) for k in ("setting", "start", "variant") if k in t) or "learner"
         if "frozen" in t:
-            measured = f"critic {_num(t['critic'])} vs frozen {_num(t['frozen'])} (x{_num(t['ratio'])}, need x{t['need']:g})"
+            measured = (f"critic {_num(t['critic'])} vs frozen {_num(t['frozen'])} "
+                        f"(x{_num(t['ratio'])}, need x{t['need']:g})")
         elif "sb3" in t:
             measured = f"critic {_num(t['critic'])} vs SB3 {_num(t['sb3'])}"
         elif "level" in t:
@@ -571,7 +584,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {t['target']} | {where} | {measured} | {passed} |")
     if report["learner_throughput"]:
         lines += ["", f"Learner throughput (`benchmarks/learner_throughput.py`, same machine, replay included):", "",
-                  "| compile | bf16 | batch | ours updates/s | SB3 updates/s | ours / SB3 |", "|---|---|---|---|---|---|"]
+                  "| compile | bf16 | batch | ours updates/s | SB3 updates/s | ours / SB3 |",
+                  "|---|---|---|---|---|---|"]
         for r in report["learner_throughput"]:
             lines.append(f"| {r['compile']} | {'n/a (CPU)' if r['bf16'] is None else r['bf16']} | {r['batch_size']} | "
                          f"{r['ours_updates_per_s']:.2f} | {r['sb3_updates_per_s']:.2f} | {r['ratio']:.2f} |")
@@ -607,6 +621,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="training runs side by side (processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--throughput-updates", type=int, default=0, help="run learner_throughput.py (0: skip)")
+    p.add_argument("--throughput-batch-size", type=int, default=256)
     p.add_argument("--no-throughput-compile", dest="throughput_compile", action="store_false")
     p.add_argument("--work-dir", default=None, help="keep runs (checkpoints, metrics.csv) here; reruns reuse them")
     p.add_argument("--note", default="", help="a line for the top of the Markdown table")
@@ -686,10 +701,11 @@ def main(argv=None) -> dict:
     report = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/learning.py", *(argv if argv is not None else sys.argv[1:])]),
         "note": args.note,
         "hardware": hardware(args.device, args.threads),
-        "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - started,  # this invocation; reused runs cost nothing here
+        "runs_wall_s": sum(r["wall_s"] for r in runs),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "note")},
         "settings": {s: setting_env(s, args.traffic) for s in args.settings},
         "learners": {

@@ -83,7 +83,8 @@ def test_summary_and_targets_are_computed_from_the_runs(bench):
         group = report["summary"][f"image/{run['start']}/{run['variant']}"]
         assert group["seeds"] == [0]
         for metric in ("route_completion", "episode_return", "length", "driving_score"):
-            assert group["final"][metric] == {"mean": run["final"][metric], "std": 0.0, "values": [run["final"][metric]]}
+            value = run["final"][metric]
+            assert group["final"][metric] == {"mean": value, "std": 0.0, "values": [value]}
             assert [p[metric]["mean"] for p in group["curve"]] == [p[metric] for p in run["curve"]]
     by_name = {}
     for t in report["targets"]:
