@@ -37,7 +37,6 @@ def learning():
 
 @pytest.fixture(scope="module")
 def bench(learning, tmp_path_factory):
-    pytest.importorskip("stable_baselines3")
     tmp = tmp_path_factory.mktemp("learning")
     out = tmp / "results" / "learning-test"
     returned = learning.main([*TINY, "--work-dir", str(tmp / "work"), "--out", str(out)])
