@@ -88,6 +88,28 @@ def test_sigkill_leaves_whole_episodes_and_resume_completes(tmp_path):
     assert sorted(int(s) for s in resumed.episodes["seed"]) == list(range(300))
 
 
+def test_ctrl_c_keeps_every_finished_episode(tmp_path):
+    out = tmp_path / "interrupted.zarr"
+    args = ("collect", "--episodes", 300, "--out", out, "--policy", "random", "--max-steps", 40, "--quiet")
+    proc = subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if zarr.open_group(str(out), mode="r").attrs.get("committed_episodes", 0) >= 1:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    recorded = int(stdout.split("/")[0])  # "N/300 episodes in ...": what the summary says it kept
+    store = TransitionStore(str(out))
+    assert 1 <= store.num_episodes == recorded < 300
+
+
 def test_dask_workers_commit_the_same_episodes(tmp_path):
     single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
     common = ("--episodes", 4, "--policy", "random", "--max-steps", 30, "--quiet")
