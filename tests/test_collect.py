@@ -129,6 +129,16 @@ def test_non_positive_episode_count_is_refused(tmp_path, episodes):
     assert not (tmp_path / "x.zarr").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (("--traffic", -1), "traffic"),
+    (("--vector-fields", "warp"), "warp"),
+    (("--policy", "missing.pt"), "missing.pt"),
+])
+def test_bad_options_fail_before_a_store_is_created(tmp_path, args, needle):
+    assert_one_line_error(run_cli("collect", "--episodes", 1, "--out", tmp_path / "x.zarr", *args), needle)
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_unknown_route_lists_known_routes(tmp_path):
     assert_one_line_error(run_cli("collect", "--route", "moon", "--out", tmp_path / "x.zarr"), "moon", "racetrack-oval")
 

@@ -47,19 +47,27 @@ class CollectConfig:
                 **simulator}
 
 
-def run_episode(config: CollectConfig, episode_seed: int, _cache: dict = {}) -> Episode:
-    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker;
-    the env and policy are built once per process and reused (the mutable default is that cache)."""
+_process_env: dict = {}  # this process's env and policy, reused across episodes of one config
+
+
+def env_and_policy(config: CollectConfig):
+    """The env and policy for ``config``, built once per process (each dask worker has its own)."""
     from pipeline.envs import make_env
     from pipeline.policies import make_policy
 
     key = (config.route, config.policy, config.noise, repr(sorted(config.env_kwargs().items())))
-    if _cache.get("key") != key:
-        if "env" in _cache:
-            _cache["env"].close()
+    if _process_env.get("key") != key:
+        if "env" in _process_env:
+            _process_env.pop("env").close()
+        _process_env.clear()
         env = make_env(config.route, **config.env_kwargs())
-        _cache.update(key=key, env=env, policy=make_policy(config.policy, env, noise=config.noise))
-    env, policy = _cache["env"], _cache["policy"]
+        _process_env.update(key=key, env=env, policy=make_policy(config.policy, env, noise=config.noise))
+    return _process_env["env"], _process_env["policy"]
+
+
+def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
+    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker."""
+    env, policy = env_and_policy(config)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
     recorder = EpisodeRecorder(route=config.route, seed=episode_seed)
@@ -180,10 +188,13 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise PipelineError(f"--workers must be >= 0, got {config.workers}")
     route = get_route(config.route)
     spec = obs_spec_for(route, config.vector_fields, config.traffic)
-    if route.backend == "carla":  # an unreachable server must fail before a store is created
+    # bad options, a missing checkpoint or an unreachable server must fail before a store exists
+    if route.backend == "carla":  # one env per server: only check that it answers
         from pipeline.envs.carla_env import connect
 
         connect(**config.simulator)
+    else:
+        env_and_policy(config)
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
                            mode=config.mode)
     seeds = _pending_seeds(config, writer)

@@ -206,6 +206,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise PipelineError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if config.resume and not last.is_file():
         raise PipelineError(f"nothing to resume: {last} does not exist")
+    resolve_device(config.device)  # an impossible device fails before anything is opened
     store = _open_dataset(config)
     # --online-mix 0 with data is pure offline: no rollouts at all
     online = config.online_every > 0 and (store is None or config.online_mix > 0)

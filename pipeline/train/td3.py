@@ -89,9 +89,19 @@ class TD3Config:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; a CUDA device on a machine without one is a
+    :class:`PipelineError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def _field(batch, name: str, default=None):
