@@ -159,6 +159,7 @@ def test_collision_terminates_with_a_penalty(server):
         if terminated or truncated:
             break
     assert terminated and info["termination"] == "collision" and info["collision"]
+    assert info["collision_kind"] == "vehicle"  # the leaderboard penalises by what was hit
     assert reward < -5.0
     env.close()
 
@@ -335,3 +336,12 @@ def test_collect_and_eval_against_a_real_server(tmp_path):
         assert np.isfinite(reward)
     finally:
         env.close()
+
+
+def test_collision_kinds_follow_the_other_actors_blueprint():
+    from pipeline.envs.carla_env import collision_kind
+
+    assert collision_kind("walker.pedestrian.0001") == "pedestrian"
+    assert collision_kind("vehicle.audi.tt") == "vehicle"
+    assert collision_kind("static.prop.streetbarrier") == "static"
+    assert collision_kind("") == "static"  # buildings, poles and the like come without a blueprint

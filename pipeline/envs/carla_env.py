@@ -79,6 +79,15 @@ def _server_help(problem: str, port: int) -> str:
             f"without a server use an embedded route: {embedded}")
 
 
+def collision_kind(type_id: str) -> str:
+    """The leaderboard's collision classes from the other actor's blueprint id."""
+    if type_id.startswith("walker."):
+        return "pedestrian"
+    if type_id.startswith("vehicle."):
+        return "vehicle"
+    return "static"
+
+
 def server_address(host: str | None = None, port: int | None = None) -> tuple[str, int]:
     """``host``/``port``, else ``CARLA_HOST``/``CARLA_PORT``, else localhost:2000."""
     return (host or os.environ.get("CARLA_HOST") or DEFAULT_HOST,
@@ -322,6 +331,7 @@ class CarlaDrivingEnv(gym.Env):
         camera_tf = carla.Transform(carla.Location(x, y, z), carla.Rotation(pitch=pitch, yaw=yaw, roll=roll))
         self._images: queue.Queue = queue.Queue()
         self._collided = False
+        self._collision_kind: str | None = None
         self._crossed_offroad_marking = False
         self.lane_invasions = 0
         # sensor callbacks run on CARLA's threads: they only enqueue or set flags
@@ -336,6 +346,7 @@ class CarlaDrivingEnv(gym.Env):
             env = self_ref()
             if env is not None:
                 env._collided = True
+                env._collision_kind = collision_kind(getattr(event.other_actor, "type_id", ""))
 
         def on_invasion(event):
             env = self_ref()
@@ -455,11 +466,11 @@ class CarlaDrivingEnv(gym.Env):
         full = driving_vector(speed, state, yaw, waypoints)
         return {"frame": self._frame, "vector": full[self._vector_index]}, full
 
-    @staticmethod
-    def _info(state, full, speed, collision=False, off_route=False, termination=None) -> dict:
+    def _info(self, state, full, speed, collision=False, off_route=False, termination=None) -> dict:
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
+            "collision_kind": self._collision_kind if collision else None,
             "off_route": bool(off_route),
             "speed": speed,
             "termination": termination,
@@ -511,6 +522,7 @@ class CarlaDrivingEnv(gym.Env):
             self._frame = self._camera_frame(frame)
             # bumps and markings while the car settles onto the road do not count
             self._collided = self._crossed_offroad_marking = False
+            self._collision_kind = None
             self.lane_invasions = self._offroad_steps = 0
             self._tracker = RouteTracker(self._route_rh)
             self._termination.reset()

@@ -192,6 +192,7 @@ class EmbeddedDrivingEnv(gym.Env):
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
+            "collision_kind": "vehicle" if collision else None,  # the track holds only vehicles
             "off_route": bool(off_route),
             "speed": float(self._ego.speed),
             "termination": termination,
