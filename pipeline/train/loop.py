@@ -224,7 +224,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     random.seed(config.seed)
 
     replay = DictReplayBuffer(
-        offline=store, obs_spec=spec, action_spec=ActionSpec(), online_capacity=config.online_capacity,
+        offline=store, obs_spec=spec, action_spec=ActionSpec(),
+        online_capacity=config.online_capacity if online else 0,
         online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
         gamma=config.gamma, device=resolve_device(config.device), prefetch=2, seed=config.seed,
         online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
