@@ -7,6 +7,7 @@ exit non-zero; Ctrl-C exits 130 after the stage has saved what it had.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import datetime
 
@@ -399,6 +400,10 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
 
 
 def main():
+    # zarr reads concurrently on an asyncio loop; when one read fails (a refused store) the others
+    # are abandoned, and asyncio would log "Task was destroyed but it is pending!" at exit under
+    # the one-line error. The error itself is what the user needs.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         cli.main(standalone_mode=False)
     except PipelineError as exc:
