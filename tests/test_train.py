@@ -88,8 +88,10 @@ def test_checkpoint_of_another_obs_spec_is_refused(tmp_path, expert_store):
     run = tmp_path / "speed_only"
     assert run_cli("train", "--steps", 2, "--warmup-steps", 10, "--online-every", 2, "--vector-fields", "speed",
                    "--out", run, *TINY).returncode == 0
+    online_meta = (run / "online.zarr" / "zarr.json").read_bytes()
     assert_one_line_error(run_cli("train", "--data", expert_store, "--steps", 4, "--resume", "--out", run, *TINY),
                           "vector_fields")
+    assert (run / "online.zarr" / "zarr.json").read_bytes() == online_meta  # the refused run touched nothing
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -223,6 +223,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     np.random.seed(config.seed)
     random.seed(config.seed)
 
+    if config.resume:  # a checkpoint of another spec is refused before anything is opened for writing
+        agent = TD3Agent.load(last, map_location=config.device, expected_obs_spec=spec)
+        loop_state = torch.load(last, map_location="cpu", weights_only=True)["loop"]
+
     replay = DictReplayBuffer(
         offline=store, obs_spec=spec, action_spec=ActionSpec(),
         online_capacity=config.online_capacity if online else 0,
@@ -233,8 +237,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
     start_update = 0
     if config.resume:
-        agent = TD3Agent.load(last, map_location=config.device, expected_obs_spec=spec)
-        loop_state = torch.load(last, map_location="cpu", weights_only=True)["loop"]
         start_update = int(loop_state["update"])
         if worker is not None:
             worker.episode_seed = int(loop_state["episode_seed"])
@@ -282,7 +284,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     now = time.perf_counter()
                     scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
                     scalars["perf/updates_per_s"] = (update - last_log_update) / max(now - last_log_time, 1e-9)
-                    scalars["perf/replay_wait_s"] = float(getattr(replay, "wait_seconds", 0.0))
+                    scalars["perf/replay_wait_s"] = replay.wait_seconds
                     if worker is not None:
                         scalars["rollout/env_steps"] = worker.env_steps
                         scalars["rollout/episodes"] = worker.episodes
