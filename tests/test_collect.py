@@ -123,6 +123,27 @@ def test_dask_workers_commit_the_same_episodes(tmp_path):
     assert returns_a == pytest.approx(returns_b)
 
 
+def test_collect_joins_an_existing_dask_scheduler(tmp_path):
+    from dask.distributed import LocalCluster
+
+    out = tmp_path / "remote.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=50) as cluster:
+        result = run_cli("collect", "--episodes", 3, "--policy", "random", "--max-steps", 20,
+                         "--scheduler", cluster.scheduler_address, "--out", out, "--quiet")
+        assert result.returncode == 0, result.stderr
+        prefixes = cluster.scheduler.task_prefixes  # the episodes ran on that cluster
+        assert "run_episode" in prefixes
+        assert sum(prefixes["run_episode"].state_counts.values()) >= 3
+    assert TransitionStore(str(out)).num_episodes == 3
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("collect", "--episodes", 1, "--scheduler", "tcp://127.0.0.1:9", "--out",
+                                  tmp_path / "x.zarr", "--quiet"), "127.0.0.1:9")
+    assert not (tmp_path / "x.zarr").exists()
+
+
 @pytest.mark.parametrize("episodes", ["0", "-3"])
 def test_non_positive_episode_count_is_refused(tmp_path, episodes):
     assert_one_line_error(run_cli("collect", "--episodes", episodes, "--out", tmp_path / "x.zarr"), "--episodes")

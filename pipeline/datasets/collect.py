@@ -160,17 +160,19 @@ def _episodes_local(config: CollectConfig, seeds: list[int], stop: threading.Eve
         yield run_episode(config, seed)
 
 
-def _episodes_dask(config: CollectConfig, seeds: list[int], stop: threading.Event):
-    from dask.distributed import as_completed
+def _episodes_on(client):
+    """Episodes run on a dask cluster, yielded as they finish (in any order)."""
 
-    from pipeline.cluster import dask_client
+    def episodes(config: CollectConfig, seeds: list[int], stop: threading.Event):
+        from dask.distributed import as_completed
 
-    with dask_client(config.workers, config.scheduler) as client:
         futures = client.map(run_episode, [config] * len(seeds), seeds, pure=False)
         for future in as_completed(futures):
             if stop.is_set():
                 break
             yield future.result()
+
+    return episodes
 
 
 def collect(config: CollectConfig, progress: bool = True) -> dict:
@@ -178,9 +180,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
     ``progress`` shows a rich progress bar (episodes, steps/s, mean return).
     """
-    from pipeline.datasets.store import EpisodeWriter
     from pipeline.envs import get_route, obs_spec_for
-    from pipeline.envs.spec import ActionSpec
 
     if config.episodes <= 0:
         raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
@@ -195,6 +195,19 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         connect(**config.simulator)
     else:
         env_and_policy(config)
+    if config.workers or config.scheduler:  # the cluster too: an unreachable scheduler fails first
+        from pipeline.cluster import dask_client
+
+        with dask_client(config.workers, config.scheduler) as client:
+            return _record(config, route, spec, _episodes_on(client), progress)
+    return _record(config, route, spec, _episodes_local, progress)
+
+
+def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
+    """Drive ``source``'s episodes into the store through the writer thread; the summary dict."""
+    from pipeline.datasets.store import EpisodeWriter
+    from pipeline.envs.spec import ActionSpec
+
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
                            mode=config.mode)
     seeds = _pending_seeds(config, writer)
@@ -215,7 +228,6 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         writer_thread = _WriterThread(writer, on_commit)
         writer_thread.start()
         stop = threading.Event()
-        source = _episodes_dask if (config.workers or config.scheduler) else _episodes_local
         interrupted = False
         try:
             for episode in source(config, seeds, stop):
