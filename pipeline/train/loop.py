@@ -192,7 +192,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary dict. See the module docstring."""
     from pipeline.datasets.replay import DictReplayBuffer
     from pipeline.envs.spec import ActionSpec
-    from pipeline.train.td3 import TD3Agent, TD3Config, resolve_device
+    from pipeline.train.td3 import TD3Agent, TD3Config, read_checkpoint, resolve_device
 
     if config.steps <= 0:
         raise PipelineError(f"--steps must be positive, got {config.steps}")
@@ -224,8 +224,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     random.seed(config.seed)
 
     if config.resume:  # a checkpoint of another spec is refused before anything is opened for writing
-        agent = TD3Agent.load(last, map_location=config.device, expected_obs_spec=spec)
-        loop_state = torch.load(last, map_location="cpu", weights_only=True)["loop"]
+        checkpoint = read_checkpoint(last)
+        agent = TD3Agent.from_state_dict(checkpoint, config.device, spec, what=f"checkpoint {last}")
+        if "loop" not in checkpoint:
+            raise PipelineError(f"{last} holds an agent but no training state to resume")
+        loop_state = checkpoint["loop"]
 
     replay = DictReplayBuffer(
         offline=store, obs_spec=spec, action_spec=ActionSpec(),

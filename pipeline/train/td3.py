@@ -104,6 +104,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint's state dict, read with ``weights_only=True`` (nothing is unpickled); a missing,
+    unreadable or foreign file is a one-line :class:`PipelineError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"cannot read checkpoint {path}: {first_line}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PipelineError(f"{path} is not a pipeline TD3 checkpoint")
+    return state
+
+
 def _field(batch, name: str, default=None):
     if isinstance(batch, Mapping):
         return batch.get(name, default)
@@ -417,20 +433,21 @@ class TD3Agent:
         ``map_location`` picks the device (default: the saved config's, usually "auto").
         ``expected_obs_spec`` (e.g. the env's) must match the checkpoint's, else
         :class:`SpecMismatchError` naming the differing fields."""
-        path = Path(path)
-        if not path.is_file():
-            raise PipelineError(f"checkpoint not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for truncated/foreign files
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise PipelineError(f"cannot read checkpoint {path}: {first_line}") from e
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise PipelineError(f"{path} is not a pipeline TD3 checkpoint")
+        state = read_checkpoint(path)
+        return cls.from_state_dict(state, map_location, expected_obs_spec, what=f"checkpoint {path}")
 
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict,
+        map_location: str | torch.device | None = None,
+        expected_obs_spec: ObsSpec | None = None,
+        what: str = "checkpoint",
+    ) -> "TD3Agent":
+        """Build an agent from a loaded :meth:`state_dict` (see :meth:`load` for the arguments)."""
         obs_spec = ObsSpec.from_dict(state["obs_spec"])
         if expected_obs_spec is not None:
-            expected_obs_spec.check_compatible(obs_spec, f"checkpoint {path}")
+            expected_obs_spec.check_compatible(obs_spec, what)
         known = {f.name for f in dataclasses.fields(TD3Config)}
         config = TD3Config(**{k: v for k, v in state["config"].items() if k in known})
         if map_location is not None:
