@@ -100,6 +100,7 @@ def test_checkpoint_of_another_obs_spec_is_refused(tmp_path, expert_store):
     (("--data", "nowhere.zarr"), "nowhere.zarr"),
     (("--resume",), "--out"),
     (("--device", "cuda:99"), "cuda"),
+    (("--route", "town03", "--eval-every", 10), "--eval-every"),  # refused before connecting to CARLA
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
     out = ("--out", tmp_path / "run") if "--resume" not in args else ()

@@ -157,23 +157,24 @@ def _open_dataset(config: TrainConfig):
     return TransitionStore(config.data, cache=config.data_cache)
 
 
-def _env_for(config: TrainConfig, store):
-    """Rebuild the env from the dataset's route and obs spec (or the options without data)."""
+def _route_for(config: TrainConfig, store) -> str:
+    """--route, else the dataset's (first) route, else racetrack."""
+    return config.route or (list(store.routes)[0] if store is not None else "racetrack")
+
+
+def _env_for(config: TrainConfig, store, route: str):
+    """Rebuild the env for ``route`` with the dataset's obs spec (or the options without data)."""
     from pipeline.envs import get_route, make_env
 
-    if store is not None:
-        routes = list(store.routes)
-        route = config.route or routes[0]
-        spec = store.obs_spec
-        if config.vector_fields is not None or config.traffic is not None:
-            raise PipelineError("--vector-fields/--traffic come from the dataset when --data is given")
-        env = make_env(route, vector_fields=spec.vector_fields, traffic=spec.traffic,
-                       **(config.simulator if get_route(route).backend == "carla" else {}))
-        spec.check_compatible(env.unwrapped.obs_spec, f"the env of route {route!r}")
-        return env
-    route = config.route or "racetrack"
-    return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic,
-                    **(config.simulator if get_route(route).backend == "carla" else {}))
+    simulator = config.simulator if get_route(route).backend == "carla" else {}
+    if store is None:
+        return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic, **simulator)
+    if config.vector_fields is not None or config.traffic is not None:
+        raise PipelineError("--vector-fields/--traffic come from the dataset when --data is given")
+    spec = store.obs_spec
+    env = make_env(route, vector_fields=spec.vector_fields, traffic=spec.traffic, **simulator)
+    spec.check_compatible(env.unwrapped.obs_spec, f"the env of route {route!r}")
+    return env
 
 
 def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +193,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary dict. See the module docstring."""
     from pipeline.datasets.replay import DictReplayBuffer
     from pipeline.envs.spec import ActionSpec
+    from pipeline.envs import get_route
     from pipeline.train.td3 import TD3Agent, TD3Config, read_checkpoint, resolve_device
 
     if config.steps <= 0:
@@ -213,7 +215,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if store is None and not online:
         raise PipelineError("nothing to learn from: give --data, or allow online rollouts (--online-every > 0)")
     online_mix = 1.0 if store is None else (config.online_mix if online else 0.0)
-    env = _env_for(config, store)
+    route = _route_for(config, store)
+    if config.eval_every and get_route(route).backend == "carla":
+        raise PipelineError("--eval-every needs a second env, and a CARLA server runs one at a time; "
+                            "evaluate the checkpoints with `pipeline eval` instead")
+    env = _env_for(config, store, route)
     spec = env.unwrapped.obs_spec
     try:  # only now that data and env are good, so a bad command leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
