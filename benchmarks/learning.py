@@ -583,7 +583,7 @@ def markdown(report: dict) -> str:
         passed = {True: "yes", False: "**no**", None: "n/a"}[t["passed"]]
         lines.append(f"| {t['target']} | {where} | {measured} | {passed} |")
     if report["learner_throughput"]:
-        lines += ["", f"Learner throughput (`benchmarks/learner_throughput.py`, same machine, replay included):", "",
+        lines += ["", "Learner throughput (`benchmarks/learner_throughput.py`, same machine, replay included):", "",
                   "| compile | bf16 | batch | ours updates/s | SB3 updates/s | ours / SB3 |",
                   "|---|---|---|---|---|---|"]
         for r in report["learner_throughput"]:

@@ -227,7 +227,7 @@ def test_carla_route_without_server_is_one_clear_line(tmp_path):
     result = run_cli("eval", "--route", "town03", "--carla-host", "127.0.0.1", "--carla-port", port,
                      "--out", tmp_path / "eval", timeout=60)
     elapsed = time.monotonic() - started
-    line = assert_one_line_error(result, "127.0.0.1", str(port), "0.9.16", "racetrack")
+    assert_one_line_error(result, "127.0.0.1", str(port), "0.9.16", "racetrack")
     assert elapsed < 15, f"took {elapsed:.1f} s"
     assert not (tmp_path / "eval").exists()
 

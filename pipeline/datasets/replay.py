@@ -745,7 +745,7 @@ class DictReplayBuffer:
                 if event is not None:
                     event.synchronize()
                 return host
-        k, size = self.obs_spec.frame_stack, self.obs_spec.image_size
+        size = self.obs_spec.image_size
         d, a = self.obs_spec.vector_dim, self.action_spec.dim
         shapes = {"obs_vector": ((b, d), torch.float32), "next_obs_vector": ((b, d), torch.float32),
                   "action": ((b, a), torch.float32), "reward": ((b,), torch.float32),
