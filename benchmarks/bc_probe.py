@@ -76,7 +76,7 @@ def clone(agent, replay, updates: int, batch_size: int, lr: float, seed: int) ->
         loss.backward()
         optimiser.step()
         if update % 100 == 0 or update == updates - 1:
-            losses.append(float(loss))
+            losses.append(loss.item())
     return losses
 
 
