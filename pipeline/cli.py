@@ -181,17 +181,41 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--backend", type=click.Choice(["embedded", "carla"]), default=None, help="Only this backend.")
-def routes(backend):
-    """List the named routes with backend and length.
+@click.option("--file", "route_file", default=None,
+              help="A Leaderboard route file (1.0 or 2.x XML): list its routes instead.")
+@click.option("--xodr", default=None,
+              help="With --file: an OpenDRIVE map (TownNN.xodr); plan that town's routes offline.")
+@click.option("--json", "as_json", is_flag=True, help="With --file: print the listing as JSON.")
+def routes(backend, route_file, xodr, as_json):
+    """List the named routes with backend and length, or the routes of a Leaderboard file.
+
+    With --xodr, a route that cannot be planned is listed with the waypoint it cannot reach, and
+    the command exits 1.
 
     \b
-    Example:
+    Examples:
       pipeline routes --backend embedded
+      pipeline routes --file routes_devtest.xml
+      pipeline routes --file routes_devtest.xml --xodr Town01.xodr --json
     """
-    from pipeline.envs import list_routes
+    if route_file is None:
+        if xodr or as_json:
+            raise PipelineError("--xodr and --json go with --file FILE.xml")
+        from pipeline.envs import list_routes
 
-    for r in list_routes(backend):
-        click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+        for r in list_routes(backend):
+            click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+        return
+    from pipeline.envs.route_files import describe_route_file, route_file_lines
+
+    description = describe_route_file(route_file, xodr)
+    if as_json:
+        _echo_json(description)
+    else:
+        for line in route_file_lines(description):
+            click.echo(line)
+    if any("unplannable" in row for row in description["routes"]):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------

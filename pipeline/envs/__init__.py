@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from pipeline.envs.routes import Route, get_route, list_routes
+from pipeline.envs.routes import Route, get_route, list_routes, resolve_routes
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError
 
-__all__ = ["make_env", "get_route", "list_routes", "Route", "ObsSpec", "ActionSpec", "obs_spec_for"]
+__all__ = ["make_env", "get_route", "list_routes", "Route", "resolve_routes", "ObsSpec", "ActionSpec", "obs_spec_for"]
 
 
 def obs_spec_for(route: str | Route, vector_fields=None, traffic: int | None = None) -> ObsSpec:

@@ -122,6 +122,26 @@ def connect(host: str | None = None, port: int | None = None,
     return client
 
 
+def route_weather(route: Route) -> "carla.WeatherParameters | None":
+    """The weather a route asks for: the fields a Leaderboard file gives, else the named preset
+    (``ClearNoon``, ...), else None (the server's weather stays)."""
+    fields = route.extra.get("weather_parameters")
+    if fields:
+        weather = carla.WeatherParameters()
+        for name, value in fields.items():
+            if not hasattr(weather, name):
+                raise PipelineError(f"route {route.name}: <weather> has {name}, which is not a "
+                                    f"carla.WeatherParameters field")
+            setattr(weather, name, float(value))
+        return weather
+    if route.weather:
+        preset = getattr(carla.WeatherParameters, route.weather, None)
+        if not isinstance(preset, carla.WeatherParameters):
+            raise PipelineError(f"route {route.name}: unknown CARLA weather {route.weather!r}")
+        return preset
+    return None
+
+
 def _mirror(x: float, y: float) -> tuple[float, float]:
     """CARLA (left-handed) map coordinates -> our right-handed frame (and back: it is its own inverse)."""
     return x, -y
@@ -214,11 +234,9 @@ class CarlaDrivingEnv(gym.Env):
         settings.fixed_delta_seconds = STEP_SECONDS
         world.apply_settings(settings)
         self._client.set_timeout(self.timeout)
-        if self.route.weather:
-            preset = getattr(carla.WeatherParameters, self.route.weather, None)
-            if not isinstance(preset, carla.WeatherParameters):
-                raise PipelineError(f"route {self.route.name}: unknown CARLA weather {self.route.weather!r}")
-            world.set_weather(preset)
+        weather = route_weather(self.route)
+        if weather is not None:
+            world.set_weather(weather)
         if self.obs_spec.traffic > 0:
             self._use_traffic_manager()
         self._planner = RoutePlanner(self._map)

@@ -145,3 +145,30 @@ def print_table(report: dict, console=None) -> None:
                 end_section=route == "all" or (not many_routes),
             )
     console.print(table)
+    if many_routes or any(r.get("backend") == "carla" for r in report["routes"].values()):
+        print_leaderboard(report, console)
+
+
+def print_leaderboard(report: dict, console) -> None:
+    """The Leaderboard's global figures, one column per policy (narrow: the kinds are rows)."""
+    from rich.table import Table
+
+    from pipeline.eval.metrics import LEADERBOARD_INFRACTIONS
+
+    short = short_labels(report["summary"])
+    boards = {short[label]: s["leaderboard"] for label, s in report["summary"].items()}
+    first = next(iter(boards.values()))
+    table = Table(title=f"Leaderboard: {first['routes']} routes",
+                  title_justify="left")
+    table.add_column("figure")
+    for label in boards:
+        table.add_column(label, justify="right")
+    for key, name in (("driving_score", "driving score"), ("route_completion", "route completion %"),
+                      ("infraction_penalty", "infraction penalty")):
+        table.add_row(name, *(f"{b[key]:.3f}" if key == "infraction_penalty" else f"{b[key]:.1f}"
+                              for b in boards.values()))
+    for i, kind in enumerate(LEADERBOARD_INFRACTIONS):
+        table.add_row(f"{kind} /km", *(f"{b['infractions_per_km'][kind]:.2f}" for b in boards.values()),
+                      end_section=i == len(LEADERBOARD_INFRACTIONS) - 1)
+    table.add_row("km driven", *(f"{b['distance_km']:.2f}" for b in boards.values()))
+    console.print(table)

@@ -27,10 +27,11 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.cluster import dask_client
-from pipeline.envs import Route, get_route, list_routes, make_env
+from pipeline.envs import Route, get_route, list_routes, make_env, resolve_routes
 from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.errors import PipelineError, SimulatorUnavailableError
-from pipeline.eval.metrics import LANE_HALF_WIDTH_M, MIN_KM, PENALTY, EpisodeMetrics, EpisodeTracker, summarize
+from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
+                                   EpisodeTracker, leaderboard_summary, summarize)
 
 REPORT_FORMAT = "pipeline.eval"
 REPORT_VERSION = 1
@@ -275,6 +276,16 @@ def _progress(enabled: bool, total: int):
         yield advance
 
 
+def route_list(specs) -> list[Route]:
+    """The routes that ``--route`` options name (a route file gives all its routes), each once.
+    Unknown names fail with the list of known ones."""
+    routes: dict[str, Route] = {}
+    for spec in dict.fromkeys(specs):
+        for route in resolve_routes(spec):
+            routes.setdefault(route.name, route)
+    return list(routes.values())
+
+
 def scoring_conventions() -> dict:
     """The pinned scoring rules, stored in every report so numbers stay interpretable."""
     return {
@@ -284,6 +295,9 @@ def scoring_conventions() -> dict:
         "off_route": "penalty x (1 - off_route_share); share = fraction of steps off route or "
                      f"|lateral offset| > {LANE_HALF_WIDTH_M} m",
         "per_km": f"counts / km driven along the route (progress), km floored at {MIN_KM}",
+        "leaderboard": "summary[policy]['leaderboard']: driving score, route completion and penalty are "
+                       "means over routes of per-route means; infractions per km by Leaderboard kind "
+                       f"({', '.join(LEADERBOARD_INFRACTIONS)}) are totals / total km",
     }
 
 
@@ -299,7 +313,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         raise PipelineError(f"--max-steps must be a positive number, got {config.max_steps}")
     if not config.policies:
         raise PipelineError("nothing to evaluate: give --checkpoint PATH or --policy expert|random")
-    routes = [get_route(name) for name in dict.fromkeys(config.routes)]  # unknown names list the known
+    routes = route_list(config.routes)
     if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes):
         raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler")
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
@@ -342,9 +356,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     }
     for p in policies:
         mine = [m for t, (m, _) in zip(tasks, results) if t.policy == p["label"]]
+        by_route = {r.name: [m for m in mine if m.route == r.name] for r in routes}
         report["summary"][p["label"]] = {
             "overall": summarize(mine),
-            "by_route": {r.name: summarize([m for m in mine if m.route == r.name]) for r in routes},
+            "by_route": {name: summarize(ms) for name, ms in by_route.items()},
+            "leaderboard": leaderboard_summary(by_route),
         }
         report["episodes"] += [{"policy": p["label"], **m.to_dict()} for m in mine]
     videos = {t.policy: (frames, fps[t.route]) for t, (_, frames) in zip(tasks, results) if frames is not None}
