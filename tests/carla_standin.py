@@ -6,6 +6,10 @@ left-handed frame (+steer turns right, yaw grows clockwise), sensors call their 
 ``tick``, and a TrafficManager drives autopilot vehicles by pure pursuit. It keeps enough state for
 tests to check what the adapter left behind: live actors, world settings, TrafficManager mode.
 
+Traffic lights and stop signs: ``world.add_traffic_light(stop_at, ...)`` and
+``world.add_stop_sign(area_at, ...)`` place them before an env connects; a light's state is
+scripted by the test (``light.set_state(carla.TrafficLightState.Red)``), it never cycles.
+
 Failure injection: ``server.crash()`` makes every call time out like a dead server,
 ``server.restart()`` starts a fresh world (new id, no actors), ``world.fail_next_tick = exc`` raises
 ``exc`` from the next ``tick`` (e.g. ``KeyboardInterrupt()`` for Ctrl-C).
@@ -29,6 +33,7 @@ WALKER_CONTROLLER = "controller.ai.walker"
 WHEELBASE_M = 2.8
 MAX_STEER_DEG = 60.0
 COLLISION_DISTANCE_M = 3.0
+VEHICLE_HALF_LENGTH_M = 2.4  # the bounding box's extent.x, as a Lincoln MKZ's
 TIMEOUT_MESSAGE = "time-out of 5000ms while waiting for the simulator, make sure the simulator is ready and connected"
 
 
@@ -202,6 +207,34 @@ class StandInWorld:
         return self.frame
 
     # -- for tests -------------------------------------------------------------------------------
+    def get_actors(self) -> "StandInActorList":
+        self.server.check()
+        return StandInActorList(self.actors.values())
+
+    def add_traffic_light(self, stop_at: tuple[float, float], state=carla.TrafficLightState.Green,
+                          volume_extent=(1.5, 1.5, 2.0)) -> "StandInTrafficLight":
+        """A traffic light whose stop line is on the lane at ``stop_at`` (x, y, CARLA frame); the
+        pole stands 4 m to the lane's right and the trigger volume covers the lane before the line."""
+        waypoint = self.map.get_waypoint(carla.Location(stop_at[0], stop_at[1], 0.0))
+        pole = _beside(waypoint.transform, right_m=4.0)
+        light = StandInTrafficLight(self, StandInBlueprint("traffic.traffic_light"), pole, None)
+        # the volume's centre 3 m before the line, back on the lane (relative to the pole)
+        light.trigger_volume = carla.BoundingBox(carla.Location(-3.0, -4.0, 0.0), carla.Vector3D(*volume_extent))
+        light.stop_waypoints = [waypoint]
+        light.state = state
+        self.actors[light.id] = light
+        return light
+
+    def add_stop_sign(self, area_at: tuple[float, float], extent=(2.0, 1.5, 2.0)) -> "StandInActor":
+        """A stop sign whose trigger volume is centred on the lane at ``area_at``, the sign 4 m to
+        the lane's right."""
+        waypoint = self.map.get_waypoint(carla.Location(area_at[0], area_at[1], 0.0))
+        pole = _beside(waypoint.transform, right_m=4.0)
+        sign = StandInActor(self, StandInBlueprint("traffic.stop"), pole, None)
+        sign.trigger_volume = carla.BoundingBox(carla.Location(0.0, -4.0, 0.0), carla.Vector3D(*extent))
+        self.actors[sign.id] = sign
+        return sign
+
     def alive(self, kind: str = "") -> list:
         return [a for a in self.actors.values() if a.type_id.startswith(kind)]
 
@@ -212,6 +245,22 @@ class StandInWorld:
 
 def _distance(a, b) -> float:
     return math.hypot(a.x - b.x, a.y - b.y)
+
+
+def _beside(transform, right_m: float):
+    """A transform ``right_m`` to the right of ``transform`` (CARLA: right = (-sin yaw, cos yaw)),
+    same heading."""
+    yaw = math.radians(transform.rotation.yaw)
+    loc = transform.location
+    return carla.Transform(carla.Location(loc.x - right_m * math.sin(yaw), loc.y + right_m * math.cos(yaw), 0.0),
+                           carla.Rotation(yaw=transform.rotation.yaw))
+
+
+class StandInActorList(list):
+    """``world.get_actors()``: a list with ``filter(pattern)`` on the blueprint id."""
+
+    def filter(self, pattern: str) -> list:
+        return [a for a in self if fnmatch.fnmatch(a.type_id, pattern)]
 
 
 class StandInBlueprint:
@@ -272,9 +321,24 @@ class _Physics:
     wheels: list
 
 
+class StandInTrafficLight(StandInActor):
+    """A light with a scripted state; ``stop_waypoints`` are where its lanes meet the junction."""
+
+    def set_state(self, state) -> None:
+        self.state = state
+
+    def get_state(self):
+        return self.state
+
+    def get_stop_waypoints(self) -> list:
+        return list(self.stop_waypoints)
+
+
 class StandInVehicle(StandInActor):
     def __init__(self, *args):
         super().__init__(*args)
+        self.bounding_box = carla.BoundingBox(carla.Location(0.0, 0.0, 0.7),
+                                              carla.Vector3D(VEHICLE_HALF_LENGTH_M, 1.0, 0.75))
         self.speed = 0.0
         self.control = carla.VehicleControl()
         self.autopilot_port: int | None = None

@@ -35,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from pipeline.envs.carla_infractions import TrafficRules
 from pipeline.envs.carla_planner import RoutePlanner
 from pipeline.envs.driving import RewardConfig, RouteTracker, TerminationRule, driving_reward, driving_vector
 from pipeline.envs.routes import Route, list_routes
@@ -240,6 +241,7 @@ class CarlaDrivingEnv(gym.Env):
         if self.obs_spec.traffic > 0:
             self._use_traffic_manager()
         self._planner = RoutePlanner(self._map)
+        self._traffic_rules = TrafficRules(world, self._map)  # red lights and stop signs
         start = self.route.start
         self._start_waypoint = self._planner.snap(start[:3], start[3] if len(start) > 3 else None)
         loc = self._start_waypoint.transform.location
@@ -484,12 +486,15 @@ class CarlaDrivingEnv(gym.Env):
         full = driving_vector(speed, state, yaw, waypoints)
         return {"frame": self._frame, "vector": full[self._vector_index]}, full
 
-    def _info(self, state, full, speed, collision=False, off_route=False, termination=None) -> dict:
+    def _info(self, state, full, speed, collision=False, off_route=False, termination=None,
+              red_light=False, stop_sign=False) -> dict:
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
             "collision_kind": self._collision_kind if collision else None,
             "off_route": bool(off_route),
+            "red_light": bool(red_light),  # ran a red light in this tick (Leaderboard 1.0 rule)
+            "stop_sign": bool(stop_sign),  # left a stop sign's area without stopping, in this tick
             "speed": speed,
             "termination": termination,
             "progress_m": state.progress_m,
@@ -511,9 +516,11 @@ class CarlaDrivingEnv(gym.Env):
         reward = driving_reward(state.progress_m - self._progress, state.lateral, collision, off_route,
                                 self.reward_config)
         self._progress = state.progress_m
+        red_light, stop_sign = self._traffic_rules.update(self._ego)
         obs, full = self._observe(state, position, yaw, speed)
         terminated, truncated, reason = self._termination(state.completion, collision, off_route, speed)
-        return obs, reward, terminated, truncated, self._info(state, full, speed, collision, off_route, reason)
+        return obs, reward, terminated, truncated, self._info(state, full, speed, collision, off_route, reason,
+                                                              red_light, stop_sign)
 
     # -- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -544,6 +551,7 @@ class CarlaDrivingEnv(gym.Env):
             self.lane_invasions = self._offroad_steps = 0
             self._tracker = RouteTracker(self._route_rh)
             self._termination.reset()
+            self._traffic_rules.reset()
             position, yaw, speed = self._ego_pose()
             state = self._tracker.reset(position)
             self._progress = state.progress_m

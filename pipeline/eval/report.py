@@ -39,6 +39,11 @@ def short_labels(labels) -> dict[str, str]:
     return {label: label for label in labels}
 
 
+def display_route(name: str) -> str:
+    """A route as tables and plots show it: a route file's ``dir/file.xml#ID`` as ``file.xml#ID``."""
+    return os.path.basename(name) if "#" in name else name
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(".pt", "")).strip("_") or "policy"
 
@@ -91,7 +96,7 @@ def plot_summary(report: dict, path: Path) -> None:
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                    label=short[label])
         ax.set_title(title)
-        ax.set_xticks(x, routes)
+        ax.set_xticks(x, [display_route(r) for r in routes], rotation=30 if len(routes) > 3 else 0)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[:2]:
         ax.set_ylim(0, 105)
@@ -137,7 +142,7 @@ def print_table(report: dict, console=None) -> None:
         rows = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
         for route, s in rows:
             table.add_row(
-                short[label], route, str(s["episodes"]),
+                short[label], display_route(route), str(s["episodes"]),
                 f"{s['route_completion']:.1f}", f"{s['driving_score']:.1f}", f"{s['infraction_penalty']:.2f}",
                 str(s["collisions"]), str(s["off_route_events"]), f"{s['infractions_per_km']:.2f}",
                 f"{s['episode_return']:.2f}", f"{s['length']:.0f}", f"{s['mean_speed']:.1f}",

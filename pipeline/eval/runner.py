@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -346,7 +346,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "elapsed_s": time.perf_counter() - started,
-        "config": {**{k: v for k, v in asdict(config).items() if k != "simulator"},
+        # not asdict(config): it would deep-copy the simulator options (a test's client factory)
+        "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name != "simulator"},
                    "seeds": {r.name: episode_seeds(r, config.episodes, config.seed) for r in routes}},
         "scoring": scoring_conventions(),
         "routes": {r.name: asdict(r) for r in routes},
