@@ -10,7 +10,8 @@ Traffic lights and stop signs: ``world.add_traffic_light(stop_at, ...)`` and
 ``world.add_stop_sign(area_at, ...)`` place them before an env connects; a light's state is
 scripted by the test (``light.set_state(carla.TrafficLightState.Red)``), it never cycles.
 
-Failure injection: ``server.crash()`` makes every call time out like a dead server,
+Failure injection: ``server.crash()`` makes every call time out like a dead server (and
+``server.crash_after_ticks(n)`` does so from the n-th world tick on),
 ``server.restart()`` starts a fresh world (new id, no actors), ``world.fail_next_tick = exc`` raises
 ``exc`` from the next ``tick`` (e.g. ``KeyboardInterrupt()`` for Ctrl-C).
 """
@@ -52,6 +53,9 @@ class StandInServer:
     def __init__(self, towns: dict[str, str], town: str | None = None):
         self.towns = towns
         self.crashed = False
+        self.crash_at_tick: int | None = None
+        self.ticks = 0  # world ticks over the server's life, across worlds
+        self.episodes_started = 0  # egos spawned
         self.clients: list[tuple[str, int]] = []
         self._ids = itertools.count(1)
         self._world_ids = itertools.count(1)
@@ -68,6 +72,9 @@ class StandInServer:
 
     def crash(self) -> None:
         self.crashed = True
+
+    def crash_after_ticks(self, ticks: int) -> None:
+        self.crash_at_tick = self.ticks + ticks
 
     def restart(self) -> None:
         self.world = StandInWorld(self, self.world.town)
@@ -182,6 +189,8 @@ class StandInWorld:
                "controller": StandInWalkerController}[kind]
         actor = cls(self, blueprint, transform, attach_to)
         self.actors[actor.id] = actor
+        if blueprint.attributes.get("role_name") == "hero":
+            self.server.episodes_started += 1
         return actor
 
     def spawn_actor(self, blueprint, transform, attach_to=None):
@@ -195,6 +204,10 @@ class StandInWorld:
         if self.fail_next_tick is not None:
             exc, self.fail_next_tick = self.fail_next_tick, None
             raise exc
+        self.server.ticks += 1
+        if self.server.crash_at_tick is not None and self.server.ticks >= self.server.crash_at_tick:
+            self.server.crash()
+            self.server.check()
         dt = self.settings.fixed_delta_seconds or 0.05
         vehicles = [a for a in self.actors.values() if isinstance(a, StandInVehicle)]
         for tm in self.server.traffic_managers.values():
@@ -527,3 +540,36 @@ class StandInTrafficManager:
             v.apply_control(carla.VehicleControl(
                 throttle=float(np.clip(0.5 * error, 0.0, 1.0)), brake=float(np.clip(-0.5 * error, 0.0, 1.0)),
                 steer=float(np.clip(angle / math.radians(MAX_STEER_DEG), -1.0, 1.0))))
+
+
+class StandInFleet:
+    """Several stand-in servers by address, for ``--carla-servers``: ``client_factory`` reaches the
+    server at ``host:port`` and fails as ``connect`` does when none answers there.
+
+    dask pickles every task, and a stand-in holds ``carla.Map`` objects that cannot be pickled, so
+    tasks name the fleet through :func:`active_fleet_client` (pickled by reference), which reaches
+    the fleet last made :meth:`active` in this process."""
+
+    def __init__(self, servers: dict[tuple[str, int], StandInServer]):
+        self.servers = servers
+
+    def active(self) -> "StandInFleet":
+        global _ACTIVE_FLEET
+        _ACTIVE_FLEET = self
+        return self
+
+    def client_factory(self, host: str, port: int, timeout: float) -> StandInClient:
+        from pipeline.errors import SimulatorUnavailableError
+
+        server = self.servers.get((host, port))
+        if server is None or server.crashed:
+            raise SimulatorUnavailableError(f"no CARLA server at {host}:{port} (stand-in)")
+        return server.client_factory(host, port, timeout)
+
+
+_ACTIVE_FLEET: StandInFleet | None = None
+
+
+def active_fleet_client(host: str, port: int, timeout: float) -> StandInClient:
+    """The ``client_factory`` of the active :class:`StandInFleet`."""
+    return _ACTIVE_FLEET.client_factory(host, port, timeout)

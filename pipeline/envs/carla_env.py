@@ -143,6 +143,13 @@ def route_weather(route: Route) -> "carla.WeatherParameters | None":
     return None
 
 
+def probe_server(host: str | None = None, port: int | None = None, client_factory=connect, **_backend_options) -> None:
+    """Fail with a one-line :class:`SimulatorUnavailableError` unless a CARLA server answers at
+    ``host:port`` (the env's options are accepted, so callers can pass what they give ``make_env``)."""
+    host, port = server_address(host, port)
+    client_factory(host, port, CONNECT_TIMEOUT_S)
+
+
 def _mirror(x: float, y: float) -> tuple[float, float]:
     """CARLA (left-handed) map coordinates -> our right-handed frame (and back: it is its own inverse)."""
     return x, -y

@@ -18,16 +18,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import platform
+import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.cluster import dask_client
-from pipeline.envs import Route, get_route, list_routes, make_env, resolve_routes
+from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
+from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
 from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
@@ -52,6 +53,7 @@ class EvalConfig:
     scheduler: str | None = None  # address of an existing dask scheduler
     video: bool = False  # record the first episode of each policy
     simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
+    carla_servers: tuple[tuple[str, int], ...] = ()  # one CARLA server per dask worker (host, port)
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,17 @@ def _simulator_options(route: Route, simulator) -> tuple[tuple[str, object], ...
     return tuple(sorted(dict(simulator or {}).items())) if route.backend == "carla" else ()
 
 
+def _is_carla(route_name: str) -> bool:
+    return get_route(route_name).backend == "carla"
+
+
 def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = ()):
     key = (route, vector_fields, traffic, max_steps, simulator)
     if key not in _ENVS:
+        if _is_carla(route):  # a CARLA server runs one env at a time: hand it over
+            for other in [k for k in _ENVS if k[4] == simulator and _is_carla(k[0])]:
+                with contextlib.suppress(Exception):
+                    _ENVS.pop(other).close()
         try:
             _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
                                   **dict(simulator))
@@ -152,6 +162,16 @@ def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
     if policy_key not in _POLICIES:
         _POLICIES[policy_key] = make_policy(task.policy, env)
     return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video)
+
+
+def run_task_on(task: EpisodeTask, host: str, port: int) -> tuple[EpisodeMetrics, np.ndarray | None]:
+    """:func:`run_task` on the CARLA server at ``host:port`` (``--carla-servers``)."""
+    simulator = tuple(sorted({**dict(task.simulator), "host": host, "port": port}.items()))
+    return run_task(replace(task, simulator=simulator))
+
+
+def _describe(task: EpisodeTask) -> str:
+    return f"the episode of {task.policy} on {task.route} seed {task.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +257,28 @@ def _prepare_out(out: str) -> Path:
     return path
 
 
-def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool) -> list:
-    """Results of ``tasks`` in task order, whatever order they finish in."""
+def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, events: list[str]) -> list:
+    """Results of ``tasks`` in task order, whatever order they finish in. Lines about CARLA servers
+    lost on the way are printed and added to ``events``."""
     results: list = [None] * len(tasks)
     with _progress(progress, len(tasks)) as advance:
-        if config.workers or config.scheduler:
+        if config.carla_servers:
+            def notify(line: str) -> None:
+                events.append(line)
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+
+            servers = list(config.carla_servers)
+            with dask_client(local_workers_for(servers, config.workers, config.scheduler), config.scheduler) as client:
+                try:
+                    for i, result in run_on_servers(
+                            client, servers, tasks, run_task_on, describe=_describe, notify=notify,
+                            is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
+                        results[i] = result
+                        advance(result[0])
+                finally:
+                    with contextlib.suppress(Exception):  # a worker that died has nothing left to close
+                        client.run(close_envs)  # every worker hands its server back
+        elif config.workers or config.scheduler:
             from dask.distributed import as_completed
 
             with dask_client(config.workers, config.scheduler) as client:
@@ -274,6 +311,26 @@ def _progress(enabled: bool, total: int):
                                              f"DS {m.driving_score:.1f}, {m.termination}")
 
         yield advance
+
+
+def _check_simulators(tasks: list[EpisodeTask], config: EvalConfig) -> dict[str, float]:
+    """Fail before anything is written when a simulator is missing; returns each route's video fps.
+
+    Embedded envs are built here (cheap, and reused), and without ``--carla-servers`` the first
+    CARLA route's env too (which also checks the server); with them, each server is only asked
+    whether it answers: the workers build the envs."""
+    if config.carla_servers:
+        probe_servers(list(config.carla_servers), config.simulator)
+    fps = {}
+    for task in tasks:
+        if _is_carla(task.route):
+            # one env per server: the first CARLA route's env is built here, the others in turn
+            if not config.carla_servers and not any(_is_carla(route) for route in fps):
+                _env_for(*task.env_key)
+            fps[task.route] = carla_render_fps()
+        else:
+            fps[task.route] = float(_env_for(*task.env_key).unwrapped.metadata.get("render_fps", 10))
+    return fps
 
 
 def route_list(specs) -> list[Route]:
@@ -314,8 +371,12 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if not config.policies:
         raise PipelineError("nothing to evaluate: give --checkpoint PATH or --policy expert|random")
     routes = route_list(config.routes)
-    if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes):
-        raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler")
+    if config.carla_servers and any(r.backend != "carla" for r in routes):
+        raise PipelineError("--carla-servers is for CARLA routes; evaluate embedded routes in another run")
+    if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes) \
+            and not config.carla_servers:
+        raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler "
+                            "or give one server per worker with --carla-servers")
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
 
     tasks = []
@@ -329,13 +390,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                     record_video=config.video and r_index == 0 and s_index == 0))
     started = time.perf_counter()
     try:
-        # Build every env before writing anything: a CARLA route with no server stops here.
-        fps = {}
-        for task in tasks:
-            env = _env_for(*task.env_key)
-            fps[task.route] = float(env.unwrapped.metadata.get("render_fps", 10))
+        fps = _check_simulators(tasks, config)
         out = _prepare_out(config.out)
-        results = _run_tasks(tasks, config, progress)
+        server_events: list[str] = []
+        results = _run_tasks(tasks, config, progress, server_events)
     finally:
         close_envs()
 
@@ -352,6 +410,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         "scoring": scoring_conventions(),
         "routes": {r.name: asdict(r) for r in routes},
         "policies": [{k: v for k, v in p.items() if k != "vector_fields"} for p in policies],
+        "carla_servers": [f"{host}:{port}" for host, port in config.carla_servers],
+        "server_events": server_events,  # CARLA servers lost during the run; their episodes ran again
         "summary": {},
         "episodes": [],
     }
