@@ -67,8 +67,10 @@ def server_workers(client, servers: list[tuple[str, int]]) -> dict[tuple[str, in
 
 def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Callable, describe: Callable,
                    notify: Callable[[str], None], is_lost_server: Callable[[BaseException], bool]) -> Iterator:
-    """Run every job as ``run(job, host, port)`` on the dask worker paired with a server, at most
-    one job per server at a time, and yield ``(job_index, result)`` as jobs finish.
+    """Run every job as ``run(job, options)`` on the dask worker paired with a server, at most one
+    job per server at a time, and yield ``(job_index, result)`` as jobs finish. ``options`` are the
+    env's options for that server: ``host``, ``port`` and a ``tm_port`` of its own (the
+    TrafficManager listens on the client's machine, so two workers on one machine need two ports).
 
     A job whose server stopped answering (``is_lost_server(exc)``) costs only itself: the server is
     dropped, ``notify`` gets one line saying so (``describe(job)`` names the job), and the job runs
@@ -77,7 +79,10 @@ def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Call
     """
     from dask.distributed import as_completed
 
+    from pipeline.envs.carla_env import DEFAULT_TM_PORT
+
     worker_of = server_workers(client, servers)
+    options = {s: {"host": s[0], "port": s[1], "tm_port": DEFAULT_TM_PORT + i} for i, s in enumerate(servers)}
     waiting = deque(range(len(jobs)))
     free, lost = deque(servers), []
     running = as_completed()
@@ -86,7 +91,7 @@ def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Call
     def start_jobs():
         while waiting and free:
             index, server = waiting.popleft(), free.popleft()
-            future = client.submit(run, jobs[index], server[0], server[1], workers=[worker_of[server]],
+            future = client.submit(run, jobs[index], options[server], workers=[worker_of[server]],
                                    allow_other_workers=False, pure=False)
             where[future.key] = (index, server)
             running.add(future)

@@ -43,8 +43,9 @@ def route_file(tmp_path):
     return str(path)
 
 
-def _collect(tmp_path, fleet, route_file, scheduler, episodes=4):
+def _collect(tmp_path, fleet, route_file, scheduler, episodes=4, policy="expert"):
     return collect(CollectConfig(out=str(tmp_path / "a.zarr"), episodes=episodes, route=route_file, max_steps=STEPS,
+                                 policy=policy,
                                  scheduler=scheduler, carla_servers=(A, B),
                                  simulator={"client_factory": active_fleet_client}), progress=False)
 
@@ -60,8 +61,10 @@ def test_servers_parse_and_the_local_worker_count_follows_them():
 
 
 def test_episodes_are_spread_over_the_servers(tmp_path, fleet, route_file, scheduler):
-    summary = _collect(tmp_path, fleet, route_file, scheduler)
+    summary = _collect(tmp_path, fleet, route_file, scheduler, policy="autopilot")
     assert summary["episodes_committed"] == 4 and summary["server_events"] == []
+    # each worker's TrafficManager listens on a port of its own (both run on this machine)
+    assert set(fleet.servers[A].traffic_managers) == {8000} and set(fleet.servers[B].traffic_managers) == {8001}
     started = {address: server.episodes_started for address, server in fleet.servers.items()}
     assert sum(started.values()) == 4 and min(started.values()) >= 1, started  # both servers drove
     store = TransitionStore(str(tmp_path / "a.zarr"))

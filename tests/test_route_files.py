@@ -184,3 +184,67 @@ def test_routes_file_errors_are_one_line(tmp_path, lb1):
     bad_map.write_text("not OpenDRIVE")
     assert_one_line_error(run_cli("routes", "--file", lb1, "--xodr", str(bad_map)), "not an OpenDRIVE map")
     assert_one_line_error(run_cli("routes", "--xodr", str(bad_map)), "go with --file")
+
+
+TWO_ROUTES = """<routes>
+  <route id="east" town="Straight"><waypoint x="5" y="1.75" z="0" yaw="0"/><waypoint x="120" y="1.75" z="0" yaw="0"/></route>
+  <route id="west" town="Straight"><waypoint x="290" y="-1.75" z="0" yaw="180"/><waypoint x="150" y="-1.75" z="0" yaw="180"/></route>
+</routes>"""
+
+
+@pytest.fixture
+def straight_routes(tmp_path):
+    path = tmp_path / "straight.xml"
+    path.write_text(TWO_ROUTES)
+    return str(path)
+
+
+def test_collect_over_a_route_file_drives_each_route_for_a_block_of_episodes(tmp_path, straight_routes):
+    from pipeline.datasets.collect import CollectConfig, collect
+    from pipeline.datasets.store import TransitionStore
+    from tests.carla_standin import StandInServer
+    from tests.carla_towns import straight_town
+
+    server = StandInServer({"Straight": straight_town()})
+    summary = collect(CollectConfig(out=str(tmp_path / "a.zarr"), episodes=4, route=straight_routes, max_steps=15,
+                                    simulator={"client_factory": server.client_factory}), progress=False)
+    assert summary["episodes_committed"] == 4
+    store = TransitionStore(str(tmp_path / "a.zarr"))
+    routes = [store.routes[i] for i in store.episodes["route"]]
+    assert routes == [f"{straight_routes}#east"] * 2 + [f"{straight_routes}#west"] * 2
+    assert store.summary()["meta"]["route"] == straight_routes  # what was asked for
+    assert len(server.world.alive("vehicle")) == 1  # one env at a time: the first route's was closed
+
+
+def test_make_env_on_a_route_file_drives_its_routes_in_turn_one_env_at_a_time(straight_routes):
+    from pipeline.envs import make_env
+    from tests.carla_standin import StandInServer
+    from tests.carla_towns import straight_town
+
+    server = StandInServer({"Straight": straight_town()})
+    env = make_env(straight_routes, client_factory=server.client_factory)
+    driven = []
+    for seed in range(3):
+        obs, info = env.reset(seed=seed)
+        driven.append(env.unwrapped.route.name.split("#")[1])
+        hero = server.world.hero.transform.location
+        assert (hero.x < 150) == (driven[-1] == "east")  # the ego really is on that route's start
+        assert len(server.world.alive("vehicle")) == 1
+        env.step(np.zeros(2, np.float32))
+    assert driven == ["east", "west", "east"]
+    env.close()
+    assert server.world.alive() == [] and server.world.settings.synchronous_mode is False
+
+
+def test_a_route_file_with_scenarios_says_so_in_one_line(tmp_path, lb2):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_cli("eval", "--route", lb2, "--carla-host", "127.0.0.1", "--carla-port", port,
+                     "--out", tmp_path / "eval", timeout=60)
+    notes = [line for line in result.stdout.splitlines() if "scenario" in line]
+    assert notes == [f"note: {lb2}: 2 Leaderboard scenario(s) ignored; pipeline drives the routes' "
+                     f"waypoints, weather and --traffic only"]
+    assert_one_line_error(result, "127.0.0.1", str(port))  # no server: the usual one line

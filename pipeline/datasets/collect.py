@@ -97,9 +97,9 @@ def close_process_envs() -> None:
             slot["env"].close()
 
 
-def run_episode_on(config: CollectConfig, episode_seed: int, host: str, port: int) -> Episode:
-    """:func:`run_episode` on the CARLA server at ``host:port`` (``--carla-servers``)."""
-    return run_episode(replace(config, simulator={**config.simulator, "host": host, "port": port}), episode_seed)
+def run_episode_on(config: CollectConfig, episode_seed: int, server: dict) -> Episode:
+    """:func:`run_episode` on one server of ``--carla-servers`` (``server``: host, port, tm_port)."""
+    return run_episode(replace(config, simulator={**config.simulator, **server}), episode_seed)
 
 
 def run_episode(config: CollectConfig, episode_seed: int) -> Episode:

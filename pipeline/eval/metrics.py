@@ -35,8 +35,13 @@ sensor often reports one crash over a few ticks) is one event.
 
 Backend mapping: the embedded highway-env racetrack has no pedestrians, traffic lights or static
 obstacles, so its ``collision`` is a vehicle collision and its red-light / stop-sign counts are 0.
-A backend that knows more reports it per step as ``info["collision_kind"]`` ("pedestrian",
-"vehicle" or "static"; default "vehicle"), ``info["red_light"]`` and ``info["stop_sign"]`` (bools).
+The CARLA backend reports per step ``info["collision_kind"]`` ("pedestrian", "vehicle" or
+"static"; default "vehicle"), and ``info["red_light"]`` / ``info["stop_sign"]`` (bools, True on the
+tick of the infraction, judged by the Leaderboard 1.0 rules in :mod:`pipeline.envs.carla_infractions`).
+
+Over several routes, :func:`leaderboard_summary` gives the Leaderboard's global figures: the mean
+over routes of driving score, route completion and infraction penalty, and infractions per km by
+the Leaderboard's kinds (:data:`LEADERBOARD_INFRACTIONS`).
 """
 
 from __future__ import annotations

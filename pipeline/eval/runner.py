@@ -164,9 +164,9 @@ def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
     return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video)
 
 
-def run_task_on(task: EpisodeTask, host: str, port: int) -> tuple[EpisodeMetrics, np.ndarray | None]:
-    """:func:`run_task` on the CARLA server at ``host:port`` (``--carla-servers``)."""
-    simulator = tuple(sorted({**dict(task.simulator), "host": host, "port": port}.items()))
+def run_task_on(task: EpisodeTask, server: dict) -> tuple[EpisodeMetrics, np.ndarray | None]:
+    """:func:`run_task` on one server of ``--carla-servers`` (``server``: host, port, tm_port)."""
+    simulator = tuple(sorted({**dict(task.simulator), **server}.items()))
     return run_task(replace(task, simulator=simulator))
 
 
