@@ -179,7 +179,8 @@ class CarlaDrivingEnv(gym.Env):
     :class:`~pipeline.envs.wrappers.FrameStack`; :func:`pipeline.envs.make_env` does). Action float32
     ``(2,)`` in [-1, 1]: steer (+ turns toward ego +y, i.e. left), throttle (>0) / brake (<0).
     ``info``: ``route_completion``, ``collision``, ``off_route``, ``speed``, ``termination``,
-    ``progress_m``, ``state_vector`` (the full 23-field vector), as on the embedded backend.
+    ``progress_m``, ``state_vector`` (the full 23-field vector), as on the embedded backend, and
+    ``red_light`` / ``stop_sign``: an infraction in this tick (:mod:`pipeline.envs.carla_infractions`).
 
     The server is contacted here, in the constructor, so a missing server fails before anything
     else is created. ``client_factory(host, port, timeout)`` returns the client (tests pass an
