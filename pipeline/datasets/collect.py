@@ -268,6 +268,9 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     elif route.backend == "carla":  # one env per server: only check that it answers
         from pipeline.envs.carla_env import probe_server
 
+        if config.workers > 1 or config.scheduler:
+            raise PipelineError("a CARLA server runs one env at a time; give one server per worker with "
+                                "--carla-servers host:port,host:port,...")
         probe_server(**config.simulator)
     else:
         env_and_policy(config)

@@ -36,6 +36,9 @@ class UnplannableRouteError(PipelineError):
         super().__init__(message)
         self.index = index
 
+    def __reduce__(self):  # errors cross to the dask driver; the default would drop ``index``
+        return type(self), (self.index, str(self))
+
 _START, _GOAL = "start", "goal"
 
 

@@ -132,10 +132,12 @@ def _number(element: ET.Element, key: str, where: str) -> float:
 
 
 def _point(element: ET.Element, keys: tuple[str, ...], where: str) -> tuple[float, ...]:
-    """x, y, z (and yaw where the format has it; z and yaw default to 0 when missing)."""
-    required = keys[:2]
-    return tuple(_number(element, k, where) if k in required or element.get(k) is not None else 0.0
-                 for k in keys)
+    """x, y, z (0 when missing), then yaw where the format has one and the element gives it: a
+    guessed yaw could turn the start onto the opposite lane."""
+    x, y = _number(element, "x", where), _number(element, "y", where)
+    z = _number(element, "z", where) if element.get("z") is not None else 0.0
+    has_yaw = "yaw" in keys and element.get("yaw") is not None
+    return (x, y, z, _number(element, "yaw", where)) if has_yaw else (x, y, z)
 
 
 def _weather(elements: list[ET.Element], where: str) -> dict:
