@@ -37,6 +37,7 @@ class CollectConfig:
     seed: int = 0
     traffic: int | None = None
     vector_fields: str | None = None
+    camera: str | None = None  # None: bev
     max_steps: int | None = None
     workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
@@ -61,8 +62,8 @@ class CollectConfig:
         from pipeline.envs import resolve_routes
 
         simulator = self.simulator if resolve_routes(self.route)[0].backend == "carla" else {}
-        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "max_steps": self.max_steps,
-                **simulator}
+        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "camera": self.camera,
+                "max_steps": self.max_steps, **simulator}
 
 
 #: this process's env and policy per simulator server, reused across episodes of one config and
@@ -103,17 +104,23 @@ def run_episode_on(config: CollectConfig, episode_seed: int, server: dict) -> Ep
 
 
 def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
-    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker."""
+    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker.
+
+    A policy with an ``expert_action(obs, info)`` (the scripted expert) also labels every step
+    with the action it would take without its noise (DART): the label behaviour cloning learns
+    from, while ``action`` stays what was applied, which TD3's critic needs."""
     route = config.route_for(episode_seed)
     env, policy = env_and_policy(config, route)
+    label = getattr(policy, "expert_action", None)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
     recorder = EpisodeRecorder(route=route, seed=episode_seed)
     recorder.start(obs)
     while True:
+        expert_action = label(obs, info) if label is not None else None
         action = policy.act(obs, info)
         obs, reward, terminated, truncated, info = env.step(action)
-        recorder.add(action, reward, obs, terminated, truncated)
+        recorder.add(action, reward, obs, terminated, truncated, expert_action=expert_action)
         if terminated or truncated:
             return recorder.finish(info["termination"], route_completion=float(info["route_completion"]))
 
@@ -255,8 +262,8 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise PipelineError(f"--workers must be >= 0, got {config.workers}")
     routes = resolve_routes(config.route)
     route = routes[0]
-    spec = obs_spec_for(route, config.vector_fields, config.traffic)
-    if any(obs_spec_for(r, config.vector_fields, config.traffic) != spec for r in routes):
+    spec = obs_spec_for(route, config.vector_fields, config.traffic, config.camera)
+    if any(obs_spec_for(r, config.vector_fields, config.traffic, config.camera) != spec for r in routes):
         raise PipelineError(f"the routes of {config.route} record different observations (their default "
                             f"traffic differs); give --traffic N")
     servers = list(config.carla_servers)
@@ -285,10 +292,11 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
     """Drive ``source``'s episodes into the store through the writer thread; the summary dict."""
     from pipeline.datasets.store import EpisodeWriter
+    from pipeline.envs.driving import RewardConfig
     from pipeline.envs.spec import ActionSpec
 
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
-                           mode=config.mode)
+                           mode=config.mode, reward=RewardConfig().to_dict())
     seeds = _pending_seeds(config, writer)
     stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
     started = time.perf_counter()

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.datasets.remote import _Progress, display_url, store_location
 from pipeline.datasets.store import EpisodeWriter, TransitionStore, _exists, _fs_path
+from pipeline.envs.driving import reward_difference
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
 
 
@@ -22,6 +23,9 @@ def _differences(store: TransitionStore, reference: TransitionStore) -> list[str
     diffs = [f"obs_spec.{k}: {mine[k]!r} != {theirs[k]!r}" for k in store.obs_spec.mismatch(reference.obs_spec)]
     mine, theirs = store.action_spec.to_dict(), reference.action_spec.to_dict()
     diffs += [f"action_spec.{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+    reward = reward_difference(store.reward_definition, reference.reward_definition)
+    if reward:  # returns of two reward definitions must not end up side by side unnoticed
+        diffs.append(f"reward: {reward}")
     return diffs
 
 
@@ -87,7 +91,8 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, progr
     provenance, indices = _provenance(stores)
     total = sum(store.num_episodes for store in stores)
     with EpisodeWriter(out, stores[0].obs_spec, stores[0].action_spec, meta=_common_meta(stores),
-                       mode="overwrite" if overwrite else "create", sources=provenance) as writer, \
+                       mode="overwrite" if overwrite else "create", sources=provenance,
+                       reward=stores[0].reward_definition) as writer, \
             _Progress(progress, f"merge -> {display_url(out)}", total, unit="items") as bar:
         for store, index in zip(stores, indices):
             for i in range(store.num_episodes):
