@@ -7,7 +7,7 @@ import contextlib
 from collections import deque
 from typing import Callable, Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SimulatorUnavailableError
 
 
 @contextlib.contextmanager
@@ -38,6 +38,10 @@ def dask_client(workers: int, scheduler: str | None):
 
 
 # -- one CARLA server per dask worker ------------------------------------------------------------
+class AllServersLostError(SimulatorUnavailableError):
+    """Every server of ``--carla-servers`` stopped answering."""
+
+
 def parse_servers(text: str) -> list[tuple[str, int]]:
     """``"host:port,host:port"`` -> ``[(host, port), ...]``; a malformed or repeated entry is a
     :class:`PipelineError`."""
@@ -74,7 +78,7 @@ def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Call
 
     A job whose server stopped answering (``is_lost_server(exc)``) costs only itself: the server is
     dropped, ``notify`` gets one line saying so (``describe(job)`` names the job), and the job runs
-    again on the next free server. With no server left the run stops with a :class:`PipelineError`.
+    again on the next free server. With no server left the run stops with :class:`AllServersLostError`.
     Any other error is the job's own and propagates.
     """
     from dask.distributed import as_completed
@@ -108,8 +112,8 @@ def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Call
             waiting.appendleft(index)
             alive = [s for s in servers if s not in lost]
             if not alive:
-                raise PipelineError(f"every CARLA server stopped answering (last: {_name(server)} during "
-                                    f"{describe(jobs[index])}); finished work is kept") from None
+                raise AllServersLostError(f"every CARLA server stopped answering (the last, {_name(server)}, "
+                                          f"during {describe(jobs[index])})") from None
             notify(f"CARLA server {_name(server)} stopped answering during {describe(jobs[index])}; "
                    f"dropping it and running that again on {', '.join(map(_name, alive))}")
             start_jobs()

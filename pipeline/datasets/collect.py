@@ -233,7 +233,7 @@ class _EpisodesOnServers:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
     def __call__(self, config: CollectConfig, seeds: list[int], stop: threading.Event):
-        from pipeline.cluster import run_on_servers
+        from pipeline.cluster import AllServersLostError, run_on_servers
         from pipeline.errors import SimulatorUnavailableError
 
         try:
@@ -244,6 +244,9 @@ class _EpisodesOnServers:
                 if stop.is_set():
                     break
                 yield episode
+        except AllServersLostError as exc:
+            raise AllServersLostError(f"{exc}; the committed episodes are kept: continue with --resume "
+                                      f"once servers are back") from None
         finally:
             with contextlib.suppress(Exception):  # a worker that died has nothing left to close
                 self.client.run(close_process_envs)  # every worker hands its server back
