@@ -6,19 +6,25 @@ The task: no parking optimum (stopping and waiting returns less than leaving the
 no reward for speeding past the route's target speed, and expert labels next to noisy actions.
 """
 
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from highway_env.road.lane import CircularLane, LineType, StraightLane
 from highway_env.road.road import Road, RoadNetwork
 
+from pipeline.datasets.replay import DictReplayBuffer
+from pipeline.datasets.store import TransitionStore
 from pipeline.envs import bev, list_routes, make_env
 from pipeline.envs.driving import REWARD_VERSION, RewardConfig, driving_reward
 from pipeline.envs.embedded import STEP_SECONDS, BevCamera
 from pipeline.envs.policies import make_scripted_policy
 from pipeline.envs.spec import ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 LANE_WIDTH = 5.0
 TURN_RADIUS = 30.0
@@ -153,3 +159,70 @@ def test_reward_definition_is_versioned():
     definition = RewardConfig().to_dict()
     assert definition["version"] == REWARD_VERSION >= 2
     assert definition["stuck"] == "terminates" and definition["stuck_penalty"] >= definition["off_route_penalty"]
+
+
+# -- what the store keeps: expert labels, the camera, the reward's definition ------------------
+
+@pytest.fixture(scope="module")
+def noisy_expert_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels") / "noisy.zarr"
+    result = run_cli("collect", "--episodes", 2, "--out", out, "--noise", 0.2, "--max-steps", 40, "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_noisy_expert_stores_the_applied_action_and_the_experts_label(noisy_expert_store):
+    store = TransitionStore(str(noisy_expert_store))
+    n = store.num_transitions
+    applied, label = np.asarray(store.action[:n]), np.asarray(store.expert_action[:n])
+    assert np.isfinite(label).all()
+    noise = applied - label
+    assert 0.1 < noise[:, 0].std() < 0.3, "applied = label + N(0, 0.2), clipped to [-1, 1]"
+    assert np.abs(label).max() <= 1.0
+    assert store.obs_spec.camera == "bev"
+    assert store.reward_definition == RewardConfig().to_dict()
+    # replay hands the label to behaviour cloning and the applied action to the critic
+    with DictReplayBuffer(store, online_capacity=0, n_step=1, prefetch=0, seed=0) as replay:
+        batch = replay.sample(16)
+        rows = [int(np.flatnonzero((applied == a).all(1))[0]) for a in batch["action"].numpy()]
+        np.testing.assert_array_equal(batch["bc_action"].numpy(), label[rows])
+
+
+def test_stores_without_labels_or_camera_stay_readable_and_are_refused_for_training(tmp_path, noisy_expert_store):
+    random_store = tmp_path / "random.zarr"
+    assert run_cli("collect", "--episodes", 1, "--policy", "random", "--out", random_store,
+                   "--quiet").returncode == 0
+    store = TransitionStore(str(random_store))
+    assert np.isnan(np.asarray(store.expert_action[: store.num_transitions])).all()
+    with DictReplayBuffer(store, online_capacity=0, n_step=1, prefetch=0) as replay:
+        batch = replay.sample(4)  # no labels: BC falls back on the applied actions
+        np.testing.assert_array_equal(batch["bc_action"].numpy(), batch["action"].numpy())
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(noisy_expert_store, old)
+    group = zarr.open_group(str(old), mode="r+")
+    del group["expert_action"]
+    spec = dict(group.attrs["obs_spec"])
+    spec.pop("camera")
+    group.update_attributes({"obs_spec": spec, "format_version": 1})
+    group.attrs.pop("reward")
+    store = TransitionStore(str(old))
+    assert store.expert_action is None and store.episode(0).expert_action is None
+    assert store.reward_definition is None and store.obs_spec.camera == "unrecorded"
+    assert run_cli("datasets", "info", old).returncode == 0
+    line = assert_one_line_error(run_cli("train", "--data", old, "--steps", 2, "--out", tmp_path / "run",
+                                         "--quiet"), "camera", "'unrecorded' != 'bev'")
+    assert "record it again" in line and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_camera_is_refused_naming_both(tmp_path):
+    from pipeline.train.td3 import TD3Agent
+
+    agent = TD3Agent(ObsSpec())
+    state = agent.state_dict()
+    state["obs_spec"] = {**state["obs_spec"], "camera": "front"}
+    path = tmp_path / "front.pt"
+    torch.save(state, path)
+    line = assert_one_line_error(run_cli("eval", "--checkpoint", path, "--episodes", 1, "--out",
+                                         tmp_path / "eval", "--quiet"), "camera")
+    assert "front" in line and "bev" in line

@@ -495,6 +495,9 @@ class TransitionStore:
             "policy": self.meta.get("policy"),
             "obs_spec": self.obs_spec.to_dict(),
             "action_spec": self.action_spec.to_dict(),
+            "reward": self.reward_definition,
+            "labelled_transitions": None if self.expert_action is None else int(
+                np.isfinite(np.asarray(self.expert_action[: self.num_transitions])[:, 0]).sum()),
             "bytes_stored": stored,
             "bytes_per_transition": stored / self.num_transitions if self.num_transitions else None,
             "created": self.attrs.get("created"),

@@ -284,7 +284,7 @@ class EmbeddedDrivingEnv(gym.Env):
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float32).reshape(2), -1.0, 1.0)
         # highway-env's ContinuousAction takes [acceleration, steering]
-        self._sim.step(np.array([action[1], action[0]], dtype=np.float32))
+        self._sim.step(np.array([self._brake_without_reversing(action[1]), action[0]], dtype=np.float32))
         self._frame = self._camera.render(self._ego, self._sim.road.vehicles)
         state = self._tracker.update(self._ego.position)
         collision = bool(self._ego.crashed)
@@ -296,6 +296,15 @@ class EmbeddedDrivingEnv(gym.Env):
         self._progress = state.progress_m
         obs, full = self._observe(state)
         return obs, reward, terminated, truncated, self._info(state, full, collision, off_route, reason)
+
+    def _brake_without_reversing(self, throttle: float) -> float:
+        """Throttle/brake in [-1, 1] as highway-env's acceleration command, with CARLA's brake: it
+        stops the car and holds it, where highway-env would drive on backwards. The strongest
+        braking allowed ends the step at exactly 0 m/s."""
+        if throttle >= 0:
+            return throttle
+        speed = max(float(self._ego.speed), 0.0)
+        return max(throttle, -speed / (MAX_ACCEL * STEP_SECONDS))
 
     def render(self):
         return np.repeat(self._frame[:, :, None], 3, axis=2)
