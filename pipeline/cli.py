@@ -56,11 +56,34 @@ def _carla_kwargs(host, port) -> dict:
     return {k: v for k, v in (("host", host), ("port", port)) if v is not None}
 
 
+SERVERS_HELP = ("CARLA servers host:port,host:port,...: one per dask worker (--workers defaults to their "
+                "number); an episode whose server dies runs again on another.")
+
+
+def _servers(text: str | None) -> tuple:
+    from pipeline.cluster import parse_servers
+
+    return tuple(parse_servers(text)) if text else ()
+
+
+ROUTE_HELP = "Route name (see `pipeline routes`), or a Leaderboard route file: FILE.xml (all its routes) or FILE.xml#ID."
+
+
+def _note_ignored_scenarios(route_specs) -> None:
+    """One line per Leaderboard route file whose scenarios are not run."""
+    from pipeline.envs.route_files import is_route_file, scenario_note
+
+    for spec in route_specs:
+        note = scenario_note(spec) if spec and is_route_file(spec) else None
+        if note:
+            click.echo(note)
+
+
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--episodes", type=int, default=200, show_default=True, help="Episodes the store should hold.")
 @click.option("--out", default=None, help="Store path or fsspec URL [default: runs/<timestamp>.zarr].")
-@click.option("--route", default="racetrack", show_default=True, help="Route name (see `pipeline routes`).")
+@click.option("--route", default="racetrack", show_default=True, help=ROUTE_HELP)
 @click.option("--policy", default="expert", show_default=True,
               help="expert (scripted route follower), random, autopilot (CARLA TrafficManager), or a checkpoint .pt path.")
 @click.option("--noise", type=float, default=0.0, show_default=True, help="Gaussian action noise std.")
@@ -71,13 +94,14 @@ def _carla_kwargs(host, port) -> dict:
 @click.option("--max-steps", type=int, default=None, help="Step limit per episode [default: the route's].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
+@click.option("--carla-servers", default=None, help=SERVERS_HELP)
 @click.option("--resume", is_flag=True, help="Continue an existing store up to --episodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @camera_option()
 @carla_options
 def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, max_steps, workers, scheduler,
-            resume, overwrite, quiet, camera, carla_host, carla_port):
+            carla_servers, resume, overwrite, quiet, camera, carla_host, carla_port):
     """Drive a policy and record raw dict transitions into a Zarr store.
 
     \b
@@ -86,16 +110,18 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
       pipeline collect --episodes 50 --policy expert --noise 0.1 --out runs/noisy.zarr
       pipeline collect --episodes 200 --out runs/a.zarr --resume      # after Ctrl-C or a crash
       pipeline collect --episodes 500 --workers 2 --out runs/big.zarr
+      pipeline collect --route routes_devtest.xml --policy autopilot --episodes 40 --out runs/lb.zarr
     """
     from pipeline.datasets.collect import CollectConfig, collect as run_collect
 
+    _note_ignored_scenarios([route])
     if resume and overwrite:
         raise PipelineError("--resume and --overwrite exclude each other")
     config = CollectConfig(
         out=out or _default_run_name(".zarr"), episodes=episodes, route=route, policy=policy, noise=noise,
         seed=seed, traffic=traffic, vector_fields=vector_fields, camera=camera, max_steps=max_steps,
         workers=workers, scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
-        simulator=_carla_kwargs(carla_host, carla_port),
+        simulator=_carla_kwargs(carla_host, carla_port), carla_servers=_servers(carla_servers),
     )
     summary = run_collect(config, progress=not quiet)
     click.echo(
@@ -105,9 +131,16 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
         f"mean route completion {summary['mean_route_completion']:.2f}, "
         f"endings {summary['terminations']}"
     )
+    _say_lost_servers(summary["server_events"])
     if summary["interrupted"]:
         click.echo("interrupted: committed episodes are kept; continue with --resume", err=True)
         sys.exit(130)
+
+
+def _say_lost_servers(events: list[str]) -> None:
+    if events:
+        click.echo(f"{len(events)} episode(s) ran again after their CARLA server stopped answering; "
+                   f"see the warnings above", err=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +149,8 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--data-cache", default=None, help="Local folder caching a remote --data store's chunks.")
 @click.option("--online-mix", type=float, default=0.5, show_default=True,
               help="Share of each batch from fresh rollouts; 0 = pure offline.")
-@click.option("--route", default=None, help="Route for rollouts [default: the dataset's, else racetrack].")
+@click.option("--route", default=None,
+              help="Route for rollouts [default: the dataset's, else racetrack]; FILE.xml drives its routes in turn.")
 @click.option("--steps", type=int, default=100_000, show_default=True, help="Gradient updates.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--online-every", type=int, default=50, show_default=True,
@@ -164,6 +198,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
 
     if resume and out is None:
         raise PipelineError("--resume needs the --out of the run to continue")
+    _note_ignored_scenarios([route])
     config = TrainConfig(
         out=out or _default_run_name(), data=data, data_cache=data_cache, route=route, steps=steps, batch_size=batch_size,
         online_mix=online_mix, online_every=online_every, online_steps=online_steps,
@@ -190,17 +225,41 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--backend", type=click.Choice(["embedded", "carla"]), default=None, help="Only this backend.")
-def routes(backend):
-    """List the named routes with backend and length.
+@click.option("--file", "route_file", default=None,
+              help="A Leaderboard route file (1.0 or 2.x XML): list its routes instead.")
+@click.option("--xodr", default=None,
+              help="With --file: an OpenDRIVE map (TownNN.xodr); plan that town's routes offline.")
+@click.option("--json", "as_json", is_flag=True, help="With --file: print the listing as JSON.")
+def routes(backend, route_file, xodr, as_json):
+    """List the named routes with backend and length, or the routes of a Leaderboard file.
+
+    With --xodr, a route that cannot be planned is listed with the waypoint it cannot reach, and
+    the command exits 1.
 
     \b
-    Example:
+    Examples:
       pipeline routes --backend embedded
+      pipeline routes --file routes_devtest.xml
+      pipeline routes --file routes_devtest.xml --xodr Town01.xodr --json
     """
-    from pipeline.envs import list_routes
+    if route_file is None:
+        if xodr or as_json:
+            raise PipelineError("--xodr and --json go with --file FILE.xml")
+        from pipeline.envs import list_routes
 
-    for r in list_routes(backend):
-        click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+        for r in list_routes(backend):
+            click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+        return
+    from pipeline.envs.route_files import describe_route_file, route_file_lines
+
+    description = describe_route_file(route_file, xodr)
+    if as_json:
+        _echo_json(description)
+    else:
+        for line in route_file_lines(description):
+            click.echo(line)
+    if any("unplannable" in row for row in description["routes"]):
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +416,8 @@ def stats(path, png, bins, as_json):
               help="TD3 checkpoint .pt to evaluate; repeat to compare several side by side.")
 @click.option("--policy", "policies", multiple=True, type=click.Choice(["expert", "random", "autopilot"]),
               help="Scripted baseline on the same routes; repeatable [default: expert if no --checkpoint].")
-@click.option("--route", "routes", multiple=True, help="Route name, repeatable [default: racetrack].")
+@click.option("--route", "routes", multiple=True,
+              help="Route name or route file (FILE.xml, FILE.xml#ID), repeatable [default: racetrack].")
 @click.option("--episodes", type=int, default=5, show_default=True, help="Episodes per policy and route.")
 @click.option("--seed", type=int, default=None,
               help="Episode i resets with seed+i [default: each route's evaluation seeds].")
@@ -365,14 +425,15 @@ def stats(path, png, bins, as_json):
 @click.option("--traffic", type=int, default=None, help="Other vehicles [default: the route's].")
 @click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
+@click.option("--carla-servers", default=None, help=SERVERS_HELP)
 @click.option("--out", default=None,
               help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @camera_option(" For --policy; a checkpoint drives with the camera it was trained on.")
 @carla_options
-def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, out, video, quiet,
-          camera, carla_host, carla_port):
+def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, carla_servers, out,
+          video, quiet, camera, carla_host, carla_port):
     """Drive policies deterministically on fixed routes and seeds; report driving metrics.
 
     Per episode and in summary: route completion, collisions, off-route events, infractions per km,
@@ -384,12 +445,14 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
       pipeline eval --checkpoint runs/x/last.pt --route racetrack --route racetrack-oval
       pipeline eval --checkpoint runs/a/last.pt --checkpoint runs/b/last.pt --policy expert --video
       pipeline eval --policy expert --policy random --route racetrack --episodes 10 --workers 2
+      pipeline eval --checkpoint runs/x/last.pt --route routes_devtest.xml --episodes 1
     """
     from pathlib import Path
 
     from pipeline.eval.report import print_table
     from pipeline.eval.runner import EvalConfig, evaluate
 
+    _note_ignored_scenarios(routes)
     if not checkpoints and not policies:
         click.echo("no --checkpoint given: evaluating the scripted expert as a reference")
         policies = ("expert",)
@@ -400,10 +463,12 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
         out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
         episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
         video=video, camera=camera, simulator=_carla_kwargs(carla_host, carla_port),
+        carla_servers=_servers(carla_servers),
     )
     report = evaluate(config, progress=not quiet)
     if not quiet:
         print_table(report)
+    _say_lost_servers(report["server_events"])
     files = report["files"]
     click.echo(f"report: {files['report']}  episodes: {files['episodes_csv']}  plot: {files['summary_png']}"
                + "".join(f"  video: {path}" for path in files["videos"].values()))

@@ -1,10 +1,13 @@
-"""The dask cluster that ``collect --workers/--scheduler`` and ``eval --workers/--scheduler`` run on."""
+"""The dask cluster that ``collect --workers/--scheduler`` and ``eval --workers/--scheduler`` run on,
+and the one-server-per-worker dispatch of ``--carla-servers``."""
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from typing import Callable, Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SimulatorUnavailableError
 
 
 @contextlib.contextmanager
@@ -32,3 +35,108 @@ def dask_client(workers: int, scheduler: str | None):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+# -- one CARLA server per dask worker ------------------------------------------------------------
+class AllServersLostError(SimulatorUnavailableError):
+    """Every server of ``--carla-servers`` stopped answering."""
+
+
+def parse_servers(text: str) -> list[tuple[str, int]]:
+    """``"host:port,host:port"`` -> ``[(host, port), ...]``; a malformed or repeated entry is a
+    :class:`PipelineError`."""
+    servers = []
+    for entry in (e.strip() for e in text.split(",")):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise PipelineError(f"--carla-servers takes host:port[,host:port...]; {entry!r} is not host:port")
+        if (host, int(port)) in servers:
+            raise PipelineError(f"--carla-servers names {entry} twice; each server runs one env")
+        servers.append((host, int(port)))
+    return servers
+
+
+def _name(server: tuple[str, int]) -> str:
+    return f"{server[0]}:{server[1]}"
+
+
+def server_workers(client, servers: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Pair each server with one dask worker (address order): one env per worker, one worker per server."""
+    workers = sorted(client.scheduler_info()["workers"])
+    if len(workers) < len(servers):
+        raise PipelineError(f"{len(servers)} CARLA servers need {len(servers)} dask workers, one each; "
+                            f"the cluster has {len(workers)}")
+    return dict(zip(servers, workers))
+
+
+def run_on_servers(client, servers: list[tuple[str, int]], jobs: list, run: Callable, describe: Callable,
+                   notify: Callable[[str], None], is_lost_server: Callable[[BaseException], bool]) -> Iterator:
+    """Run every job as ``run(job, options)`` on the dask worker paired with a server, at most one
+    job per server at a time, and yield ``(job_index, result)`` as jobs finish. ``options`` are the
+    env's options for that server: ``host``, ``port`` and a ``tm_port`` of its own (the
+    TrafficManager listens on the client's machine, so two workers on one machine need two ports).
+
+    A job whose server stopped answering (``is_lost_server(exc)``) costs only itself: the server is
+    dropped, ``notify`` gets one line saying so (``describe(job)`` names the job), and the job runs
+    again on the next free server. With no server left the run stops with :class:`AllServersLostError`.
+    Any other error is the job's own and propagates.
+    """
+    from dask.distributed import as_completed
+
+    from pipeline.envs.carla_env import DEFAULT_TM_PORT
+
+    worker_of = server_workers(client, servers)
+    options = {s: {"host": s[0], "port": s[1], "tm_port": DEFAULT_TM_PORT + i} for i, s in enumerate(servers)}
+    waiting = deque(range(len(jobs)))
+    free, lost = deque(servers), []
+    running = as_completed()
+    where: dict = {}  # future key -> (job index, server)
+
+    def start_jobs():
+        while waiting and free:
+            index, server = waiting.popleft(), free.popleft()
+            future = client.submit(run, jobs[index], options[server], workers=[worker_of[server]],
+                                   allow_other_workers=False, pure=False)
+            where[future.key] = (index, server)
+            running.add(future)
+
+    start_jobs()
+    for future in running:
+        index, server = where.pop(future.key)
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - sorted below: a lost server, or the job's own error
+            if not is_lost_server(exc):
+                raise
+            lost.append(server)
+            waiting.appendleft(index)
+            alive = [s for s in servers if s not in lost]
+            if not alive:
+                raise AllServersLostError(f"every CARLA server stopped answering (the last, {_name(server)}, "
+                                          f"during {describe(jobs[index])})") from None
+            notify(f"CARLA server {_name(server)} stopped answering during {describe(jobs[index])}; "
+                   f"dropping it and running that again on {', '.join(map(_name, alive))}")
+            start_jobs()
+            continue
+        free.append(server)
+        start_jobs()
+        yield index, result
+
+
+def local_workers_for(servers: list[tuple[str, int]], workers: int, scheduler: str | None) -> int:
+    """How many local dask workers ``--carla-servers`` runs on: one per server. ``--workers``, when
+    given, must say the same; with ``--scheduler`` the cluster's own workers are used."""
+    if scheduler or not servers:
+        return workers
+    if workers and workers != len(servers):
+        raise PipelineError(f"--workers {workers} does not match the {len(servers)} --carla-servers: "
+                            f"each worker drives one server (leave --workers out)")
+    return len(servers)
+
+
+def probe_servers(servers: list[tuple[str, int]], simulator: dict) -> None:
+    """Every server must answer before anything is written; the first that does not is the error."""
+    from pipeline.envs.carla_env import probe_server
+
+    for host, port in servers:
+        probe_server(**{**simulator, "host": host, "port": port})

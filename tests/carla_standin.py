@@ -6,7 +6,12 @@ left-handed frame (+steer turns right, yaw grows clockwise), sensors call their 
 ``tick``, and a TrafficManager drives autopilot vehicles by pure pursuit. It keeps enough state for
 tests to check what the adapter left behind: live actors, world settings, TrafficManager mode.
 
-Failure injection: ``server.crash()`` makes every call time out like a dead server,
+Traffic lights and stop signs: ``world.add_traffic_light(stop_at, ...)`` and
+``world.add_stop_sign(area_at, ...)`` place them before an env connects; a light's state is
+scripted by the test (``light.set_state(carla.TrafficLightState.Red)``), it never cycles.
+
+Failure injection: ``server.crash()`` makes every call time out like a dead server (and
+``server.crash_after_ticks(n)`` does so from the n-th world tick on),
 ``server.restart()`` starts a fresh world (new id, no actors), ``world.fail_next_tick = exc`` raises
 ``exc`` from the next ``tick`` (e.g. ``KeyboardInterrupt()`` for Ctrl-C).
 """
@@ -33,6 +38,7 @@ WALKER_CONTROLLER = "controller.ai.walker"
 WHEELBASE_M = 2.8
 MAX_STEER_DEG = 60.0
 COLLISION_DISTANCE_M = 3.0
+VEHICLE_HALF_LENGTH_M = 2.4  # the bounding box's extent.x, as a Lincoln MKZ's
 TIMEOUT_MESSAGE = "time-out of 5000ms while waiting for the simulator, make sure the simulator is ready and connected"
 
 
@@ -51,6 +57,9 @@ class StandInServer:
     def __init__(self, towns: dict[str, str], town: str | None = None):
         self.towns = towns
         self.crashed = False
+        self.crash_at_tick: int | None = None
+        self.ticks = 0  # world ticks over the server's life, across worlds
+        self.episodes_started = 0  # egos spawned
         self.clients: list[tuple[str, int]] = []
         self._ids = itertools.count(1)
         self._world_ids = itertools.count(1)
@@ -67,6 +76,9 @@ class StandInServer:
 
     def crash(self) -> None:
         self.crashed = True
+
+    def crash_after_ticks(self, ticks: int) -> None:
+        self.crash_at_tick = self.ticks + ticks
 
     def restart(self) -> None:
         self.world = StandInWorld(self, self.world.town)
@@ -181,6 +193,8 @@ class StandInWorld:
                "controller": StandInWalkerController}[kind]
         actor = cls(self, blueprint, transform, attach_to)
         self.actors[actor.id] = actor
+        if blueprint.attributes.get("role_name") == "hero":
+            self.server.episodes_started += 1
         return actor
 
     def spawn_actor(self, blueprint, transform, attach_to=None):
@@ -194,6 +208,10 @@ class StandInWorld:
         if self.fail_next_tick is not None:
             exc, self.fail_next_tick = self.fail_next_tick, None
             raise exc
+        self.server.ticks += 1
+        if self.server.crash_at_tick is not None and self.server.ticks >= self.server.crash_at_tick:
+            self.server.crash()
+            self.server.check()
         dt = self.settings.fixed_delta_seconds or 0.05
         vehicles = [a for a in self.actors.values() if isinstance(a, StandInVehicle)]
         for tm in self.server.traffic_managers.values():
@@ -206,6 +224,34 @@ class StandInWorld:
         return self.frame
 
     # -- for tests -------------------------------------------------------------------------------
+    def get_actors(self) -> "StandInActorList":
+        self.server.check()
+        return StandInActorList(self.actors.values())
+
+    def add_traffic_light(self, stop_at: tuple[float, float], state=carla.TrafficLightState.Green,
+                          volume_extent=(1.5, 1.5, 2.0)) -> "StandInTrafficLight":
+        """A traffic light whose stop line is on the lane at ``stop_at`` (x, y, CARLA frame); the
+        pole stands 4 m to the lane's right and the trigger volume covers the lane before the line."""
+        waypoint = self.map.get_waypoint(carla.Location(stop_at[0], stop_at[1], 0.0))
+        pole = _beside(waypoint.transform, right_m=4.0)
+        light = StandInTrafficLight(self, StandInBlueprint("traffic.traffic_light"), pole, None)
+        # the volume's centre 3 m before the line, back on the lane (relative to the pole)
+        light.trigger_volume = carla.BoundingBox(carla.Location(-3.0, -4.0, 0.0), carla.Vector3D(*volume_extent))
+        light.stop_waypoints = [waypoint]
+        light.state = state
+        self.actors[light.id] = light
+        return light
+
+    def add_stop_sign(self, area_at: tuple[float, float], extent=(2.0, 1.5, 2.0)) -> "StandInActor":
+        """A stop sign whose trigger volume is centred on the lane at ``area_at``, the sign 4 m to
+        the lane's right."""
+        waypoint = self.map.get_waypoint(carla.Location(area_at[0], area_at[1], 0.0))
+        pole = _beside(waypoint.transform, right_m=4.0)
+        sign = StandInActor(self, StandInBlueprint("traffic.stop"), pole, None)
+        sign.trigger_volume = carla.BoundingBox(carla.Location(0.0, -4.0, 0.0), carla.Vector3D(*extent))
+        self.actors[sign.id] = sign
+        return sign
+
     def alive(self, kind: str = "") -> list:
         return [a for a in self.actors.values() if a.type_id.startswith(kind)]
 
@@ -216,6 +262,22 @@ class StandInWorld:
 
 def _distance(a, b) -> float:
     return math.hypot(a.x - b.x, a.y - b.y)
+
+
+def _beside(transform, right_m: float):
+    """A transform ``right_m`` to the right of ``transform`` (CARLA: right = (-sin yaw, cos yaw)),
+    same heading."""
+    yaw = math.radians(transform.rotation.yaw)
+    loc = transform.location
+    return carla.Transform(carla.Location(loc.x - right_m * math.sin(yaw), loc.y + right_m * math.cos(yaw), 0.0),
+                           carla.Rotation(yaw=transform.rotation.yaw))
+
+
+class StandInActorList(list):
+    """``world.get_actors()``: a list with ``filter(pattern)`` on the blueprint id."""
+
+    def filter(self, pattern: str) -> list:
+        return [a for a in self if fnmatch.fnmatch(a.type_id, pattern)]
 
 
 class StandInBlueprint:
@@ -276,9 +338,24 @@ class _Physics:
     wheels: list
 
 
+class StandInTrafficLight(StandInActor):
+    """A light with a scripted state; ``stop_waypoints`` are where its lanes meet the junction."""
+
+    def set_state(self, state) -> None:
+        self.state = state
+
+    def get_state(self):
+        return self.state
+
+    def get_stop_waypoints(self) -> list:
+        return list(self.stop_waypoints)
+
+
 class StandInVehicle(StandInActor):
     def __init__(self, *args):
         super().__init__(*args)
+        self.bounding_box = carla.BoundingBox(carla.Location(0.0, 0.0, 0.7),
+                                              carla.Vector3D(VEHICLE_HALF_LENGTH_M, 1.0, 0.75))
         self.speed = 0.0
         self.control = carla.VehicleControl()
         self.autopilot_port: int | None = None
@@ -482,3 +559,36 @@ class StandInTrafficManager:
             v.apply_control(carla.VehicleControl(
                 throttle=float(np.clip(0.5 * error, 0.0, 1.0)), brake=float(np.clip(-0.5 * error, 0.0, 1.0)),
                 steer=float(np.clip(angle / math.radians(MAX_STEER_DEG), -1.0, 1.0))))
+
+
+class StandInFleet:
+    """Several stand-in servers by address, for ``--carla-servers``: ``client_factory`` reaches the
+    server at ``host:port`` and fails as ``connect`` does when none answers there.
+
+    dask pickles every task, and a stand-in holds ``carla.Map`` objects that cannot be pickled, so
+    tasks name the fleet through :func:`active_fleet_client` (pickled by reference), which reaches
+    the fleet last made :meth:`active` in this process."""
+
+    def __init__(self, servers: dict[tuple[str, int], StandInServer]):
+        self.servers = servers
+
+    def active(self) -> "StandInFleet":
+        global _ACTIVE_FLEET
+        _ACTIVE_FLEET = self
+        return self
+
+    def client_factory(self, host: str, port: int, timeout: float) -> StandInClient:
+        from pipeline.errors import SimulatorUnavailableError
+
+        server = self.servers.get((host, port))
+        if server is None or server.crashed:
+            raise SimulatorUnavailableError(f"no CARLA server at {host}:{port} (stand-in)")
+        return server.client_factory(host, port, timeout)
+
+
+_ACTIVE_FLEET: StandInFleet | None = None
+
+
+def active_fleet_client(host: str, port: int, timeout: float) -> StandInClient:
+    """The ``client_factory`` of the active :class:`StandInFleet`."""
+    return _ACTIVE_FLEET.client_factory(host, port, timeout)

@@ -9,16 +9,20 @@ episodes in flight, and ``resume`` runs only the episode seeds that are not yet 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import platform
 import queue
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
 
+from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder
 from pipeline.errors import PipelineError
 
@@ -27,7 +31,7 @@ from pipeline.errors import PipelineError
 class CollectConfig:
     out: str
     episodes: int = 200
-    route: str = "racetrack"
+    route: str = "racetrack"  # a route name, FILE.xml (every route of a Leaderboard file) or FILE.xml#ID
     policy: str = "expert"  # "expert" | "random" | path to a checkpoint
     noise: float = 0.0
     seed: int = 0
@@ -39,31 +43,64 @@ class CollectConfig:
     scheduler: str | None = None  # address of an existing dask scheduler
     mode: str = "create"  # "create" | "append" (resume) | "overwrite"
     simulator: dict = field(default_factory=dict)  # backend options, e.g. CARLA host/port
+    carla_servers: tuple[tuple[str, int], ...] = ()  # one CARLA server per dask worker (host, port)
+
+    def route_names(self) -> list[str]:
+        """The routes ``route`` names, in order (one, or every route of a route file)."""
+        from pipeline.envs import resolve_routes
+
+        return [r.name for r in resolve_routes(self.route)]
+
+    def route_for(self, episode_seed: int) -> str:
+        """The route of the episode reset with ``episode_seed``: the requested episodes are split
+        into equal consecutive blocks, one per route, so each process switches routes rarely."""
+        names = self.route_names()
+        index = (episode_seed - self.seed) * len(names) // max(self.episodes, 1)
+        return names[min(max(index, 0), len(names) - 1)]
 
     def env_kwargs(self) -> dict:
-        from pipeline.envs import get_route
+        from pipeline.envs import resolve_routes
 
-        simulator = self.simulator if get_route(self.route).backend == "carla" else {}
+        simulator = self.simulator if resolve_routes(self.route)[0].backend == "carla" else {}
         return {"vector_fields": self.vector_fields, "traffic": self.traffic, "camera": self.camera,
                 "max_steps": self.max_steps, **simulator}
 
 
-_process_env: dict = {}  # this process's env and policy, reused across episodes of one config
+#: this process's env and policy per simulator server, reused across episodes of one config and
+#: route: {(host, port): {"key", "env", "policy"}} (one slot, (None, None), for the embedded backend)
+_process_envs: dict[tuple, dict] = {}
 
 
-def env_and_policy(config: CollectConfig):
-    """The env and policy for ``config``, built once per process (each dask worker has its own)."""
+def env_and_policy(config: CollectConfig, route: str | None = None):
+    """The env and policy for ``config`` on ``route`` (default: its first route), built once per
+    process (each dask worker has its own) and server; another route closes the previous env
+    first, since a CARLA server runs one env at a time."""
     from pipeline.envs import make_env
     from pipeline.policies import make_policy
 
-    key = (config.route, config.policy, config.noise, repr(sorted(config.env_kwargs().items())))
-    if _process_env.get("key") != key:
-        if "env" in _process_env:
-            _process_env.pop("env").close()
-        _process_env.clear()
-        env = make_env(config.route, **config.env_kwargs())
-        _process_env.update(key=key, env=env, policy=make_policy(config.policy, env, noise=config.noise))
-    return _process_env["env"], _process_env["policy"]
+    route = route or config.route_names()[0]
+    slot = _process_envs.setdefault((config.simulator.get("host"), config.simulator.get("port")), {})
+    key = (route, config.policy, config.noise, repr(sorted(config.env_kwargs().items())))
+    if slot.get("key") != key:
+        if "env" in slot:
+            slot.pop("env").close()
+        slot.clear()
+        env = make_env(route, **config.env_kwargs())
+        slot.update(key=key, env=env, policy=make_policy(config.policy, env, noise=config.noise))
+    return slot["env"], slot["policy"]
+
+
+def close_process_envs() -> None:
+    """Close this process's envs: on CARLA that restores each server's settings for the next user."""
+    while _process_envs:
+        _, slot = _process_envs.popitem()
+        if "env" in slot:
+            slot["env"].close()
+
+
+def run_episode_on(config: CollectConfig, episode_seed: int, server: dict) -> Episode:
+    """:func:`run_episode` on one server of ``--carla-servers`` (``server``: host, port, tm_port)."""
+    return run_episode(replace(config, simulator={**config.simulator, **server}), episode_seed)
 
 
 def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
@@ -72,11 +109,12 @@ def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
     A policy with an ``expert_action(obs, info)`` (the scripted expert) also labels every step
     with the action it would take without its noise (DART): the label behaviour cloning learns
     from, while ``action`` stays what was applied, which TD3's critic needs."""
-    env, policy = env_and_policy(config)
+    route = config.route_for(episode_seed)
+    env, policy = env_and_policy(config, route)
     label = getattr(policy, "expert_action", None)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
-    recorder = EpisodeRecorder(route=config.route, seed=episode_seed)
+    recorder = EpisodeRecorder(route=route, seed=episode_seed)
     recorder.start(obs)
     while True:
         expert_action = label(obs, info) if label is not None else None
@@ -182,31 +220,75 @@ def _episodes_on(client):
     return episodes
 
 
+class _EpisodesOnServers:
+    """Episodes on a dask cluster, one CARLA server per worker (:func:`pipeline.cluster.run_on_servers`).
+    ``events`` keeps the lines said about lost servers, for the summary."""
+
+    def __init__(self, client, servers: list[tuple[str, int]]):
+        self.client, self.servers = client, servers
+        self.events: list[str] = []
+
+    def notify(self, line: str) -> None:
+        self.events.append(line)
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    def __call__(self, config: CollectConfig, seeds: list[int], stop: threading.Event):
+        from pipeline.cluster import AllServersLostError, run_on_servers
+        from pipeline.errors import SimulatorUnavailableError
+
+        try:
+            for _, episode in run_on_servers(
+                    self.client, self.servers, seeds, partial(run_episode_on, config),
+                    describe=lambda seed: f"episode seed {seed} ({config.route_for(seed)})", notify=self.notify,
+                    is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
+                if stop.is_set():
+                    break
+                yield episode
+        except AllServersLostError as exc:
+            raise AllServersLostError(f"{exc}; the committed episodes are kept: continue with --resume "
+                                      f"once servers are back") from None
+        finally:
+            with contextlib.suppress(Exception):  # a worker that died has nothing left to close
+                self.client.run(close_process_envs)  # every worker hands its server back
+
+
 def collect(config: CollectConfig, progress: bool = True) -> dict:
     """Record ``config.episodes`` episodes into ``config.out``; returns a summary dict.
 
     ``progress`` shows a rich progress bar (episodes, steps/s, mean return).
     """
-    from pipeline.envs import get_route, obs_spec_for
+    from pipeline.envs import obs_spec_for, resolve_routes
 
     if config.episodes <= 0:
         raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
     if config.workers < 0:
         raise PipelineError(f"--workers must be >= 0, got {config.workers}")
-    route = get_route(config.route)
+    routes = resolve_routes(config.route)
+    route = routes[0]
     spec = obs_spec_for(route, config.vector_fields, config.traffic, config.camera)
+    if any(obs_spec_for(r, config.vector_fields, config.traffic, config.camera) != spec for r in routes):
+        raise PipelineError(f"the routes of {config.route} record different observations (their default "
+                            f"traffic differs); give --traffic N")
+    servers = list(config.carla_servers)
     # bad options, a missing checkpoint or an unreachable server must fail before a store exists
-    if route.backend == "carla":  # one env per server: only check that it answers
-        from pipeline.envs.carla_env import connect
+    if servers:
+        if route.backend != "carla":
+            raise PipelineError(f"--carla-servers is for CARLA routes; {route.name} is {route.backend}")
+        probe_servers(servers, config.simulator)
+    elif route.backend == "carla":  # one env per server: only check that it answers
+        from pipeline.envs.carla_env import probe_server
 
-        connect(**config.simulator)
+        if config.workers > 1 or config.scheduler:
+            raise PipelineError("a CARLA server runs one env at a time; give one server per worker with "
+                                "--carla-servers host:port,host:port,...")
+        probe_server(**config.simulator)
     else:
         env_and_policy(config)
-    if config.workers or config.scheduler:  # the cluster too: an unreachable scheduler fails first
-        from pipeline.cluster import dask_client
-
-        with dask_client(config.workers, config.scheduler) as client:
-            return _record(config, route, spec, _episodes_on(client), progress)
+    workers = local_workers_for(servers, config.workers, config.scheduler)
+    if workers or config.scheduler:  # the cluster too: an unreachable scheduler fails first
+        with dask_client(workers, config.scheduler) as client:
+            source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
+            return _record(config, route, spec, source, progress)
     return _record(config, route, spec, _episodes_local, progress)
 
 
@@ -260,7 +342,9 @@ def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
         "mean_return": float(np.mean(stats["returns"])) if stats["returns"] else float("nan"),
         "mean_route_completion": float(np.mean(stats["completions"])) if stats["completions"] else float("nan"),
         "terminations": stats["terminations"],
-        "config": asdict(config),
+        "server_events": list(getattr(source, "events", [])),  # CARLA servers lost, episodes retried
+        # the simulator options stay out: they may hold objects (a test's client factory)
+        "config": {f.name: getattr(config, f.name) for f in fields(config) if f.name != "simulator"},
     }
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from pipeline.envs.routes import Route, get_route, list_routes
+from pipeline.envs.routes import Route, get_route, list_routes, resolve_routes
 from pipeline.envs.spec import CAMERAS, ActionSpec, ObsSpec
 from pipeline.errors import PipelineError
 
-__all__ = ["make_env", "get_route", "list_routes", "Route", "ObsSpec", "ActionSpec", "obs_spec_for"]
+__all__ = ["make_env", "carla_render_fps", "get_route", "list_routes", "Route", "resolve_routes", "ObsSpec", "ActionSpec", "obs_spec_for"]
 
 
 def obs_spec_for(route: str | Route, vector_fields=None, traffic: int | None = None,
@@ -25,10 +25,18 @@ def obs_spec_for(route: str | Route, vector_fields=None, traffic: int | None = N
                    camera=camera)
 
 
+def carla_render_fps() -> float:
+    """Frames per second of a CARLA episode's video (one frame per world tick)."""
+    from pipeline.envs.carla_env import CarlaDrivingEnv
+
+    return float(CarlaDrivingEnv.metadata["render_fps"])
+
+
 def make_env(route: str | Route = "racetrack", backend: str | None = None, seed: int | None = None,
              vector_fields=None, traffic: int | None = None, max_steps: int | None = None,
              camera: str | None = None, **backend_options) -> gym.Env:
-    """Build the driving env for a named route.
+    """Build the driving env for a named route (or a route file: ``FILE.xml`` drives its routes
+    one per episode in turn, ``FILE.xml#ID`` one of them).
 
     Returns a gymnasium env with observation ``Dict(image=uint8 (4, 84, 84), vector=float32 (D,))``
     and action float32 ``(2,)`` in [-1, 1]. ``env.unwrapped.obs_spec`` and ``env.unwrapped.route``
@@ -38,7 +46,14 @@ def make_env(route: str | Route = "racetrack", backend: str | None = None, seed:
     """
     from pipeline.envs.wrappers import FrameStack
 
-    route = get_route(route) if isinstance(route, str) else route
+    if isinstance(route, str):
+        routes = resolve_routes(route)
+        if len(routes) > 1:  # every route of a Leaderboard file: one per episode, in turn
+            from pipeline.envs.route_cycle import RouteCycleEnv
+
+            return RouteCycleEnv(routes, lambda r: make_env(r, backend, seed, vector_fields, traffic, max_steps,
+                                                            camera, **backend_options))
+        route = routes[0]
     if backend is not None and backend != route.backend:
         raise PipelineError(f"route {route.name!r} belongs to the {route.backend} backend, not {backend}")
     if traffic is not None and int(traffic) < 0:

@@ -36,6 +36,7 @@ import numpy as np
 from gymnasium import spaces
 
 from pipeline.envs import bev
+from pipeline.envs.carla_infractions import TrafficRules
 from pipeline.envs.carla_planner import RoutePlanner
 from pipeline.envs.driving import RewardConfig, RouteTracker, TerminationRule, driving_reward, driving_vector
 from pipeline.envs.routes import Route, list_routes
@@ -128,6 +129,33 @@ def connect(host: str | None = None, port: int | None = None,
     return client
 
 
+def route_weather(route: Route) -> "carla.WeatherParameters | None":
+    """The weather a route asks for: the fields a Leaderboard file gives, else the named preset
+    (``ClearNoon``, ...), else None (the server's weather stays)."""
+    fields = route.extra.get("weather_parameters")
+    if fields:
+        weather = carla.WeatherParameters()
+        for name, value in fields.items():
+            if not hasattr(weather, name):
+                raise PipelineError(f"route {route.name}: <weather> has {name}, which is not a "
+                                    f"carla.WeatherParameters field")
+            setattr(weather, name, float(value))
+        return weather
+    if route.weather:
+        preset = getattr(carla.WeatherParameters, route.weather, None)
+        if not isinstance(preset, carla.WeatherParameters):
+            raise PipelineError(f"route {route.name}: unknown CARLA weather {route.weather!r}")
+        return preset
+    return None
+
+
+def probe_server(host: str | None = None, port: int | None = None, client_factory=connect, **_backend_options) -> None:
+    """Fail with a one-line :class:`SimulatorUnavailableError` unless a CARLA server answers at
+    ``host:port`` (the env's options are accepted, so callers can pass what they give ``make_env``)."""
+    host, port = server_address(host, port)
+    client_factory(host, port, CONNECT_TIMEOUT_S)
+
+
 def _mirror(x: float, y: float) -> tuple[float, float]:
     """CARLA (left-handed) map coordinates -> our right-handed frame (and back: it is its own inverse)."""
     return x, -y
@@ -157,7 +185,8 @@ class CarlaDrivingEnv(gym.Env):
     :class:`~pipeline.envs.wrappers.FrameStack`; :func:`pipeline.envs.make_env` does). Action float32
     ``(2,)`` in [-1, 1]: steer (+ turns toward ego +y, i.e. left), throttle (>0) / brake (<0).
     ``info``: ``route_completion``, ``collision``, ``off_route``, ``speed``, ``termination``,
-    ``progress_m``, ``state_vector`` (the full 23-field vector), as on the embedded backend.
+    ``progress_m``, ``state_vector`` (the full 23-field vector), as on the embedded backend, and
+    ``red_light`` / ``stop_sign``: an infraction in this tick (:mod:`pipeline.envs.carla_infractions`).
 
     The server is contacted here, in the constructor, so a missing server fails before anything
     else is created. ``client_factory(host, port, timeout)`` returns the client (tests pass an
@@ -220,14 +249,13 @@ class CarlaDrivingEnv(gym.Env):
         settings.fixed_delta_seconds = STEP_SECONDS
         world.apply_settings(settings)
         self._client.set_timeout(self.timeout)
-        if self.route.weather:
-            preset = getattr(carla.WeatherParameters, self.route.weather, None)
-            if not isinstance(preset, carla.WeatherParameters):
-                raise PipelineError(f"route {self.route.name}: unknown CARLA weather {self.route.weather!r}")
-            world.set_weather(preset)
+        weather = route_weather(self.route)
+        if weather is not None:
+            world.set_weather(weather)
         if self.obs_spec.traffic > 0:
             self._use_traffic_manager()
         self._planner = RoutePlanner(self._map)
+        self._traffic_rules = TrafficRules(world, self._map)  # red lights and stop signs
         start = self.route.start
         self._start_waypoint = self._planner.snap(start[:3], start[3] if len(start) > 3 else None)
         loc = self._start_waypoint.transform.location
@@ -485,12 +513,15 @@ class CarlaDrivingEnv(gym.Env):
         full = driving_vector(speed, state, yaw, waypoints)
         return {"frame": self._frame, "vector": full[self._vector_index]}, full
 
-    def _info(self, state, full, speed, collision=False, off_route=False, termination=None) -> dict:
+    def _info(self, state, full, speed, collision=False, off_route=False, termination=None,
+              red_light=False, stop_sign=False) -> dict:
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
             "collision_kind": self._collision_kind if collision else None,
             "off_route": bool(off_route),
+            "red_light": bool(red_light),  # ran a red light in this tick (Leaderboard 1.0 rule)
+            "stop_sign": bool(stop_sign),  # left a stop sign's area without stopping, in this tick
             "speed": speed,
             "termination": termination,
             "progress_m": state.progress_m,
@@ -513,8 +544,10 @@ class CarlaDrivingEnv(gym.Env):
         reward = driving_reward(state.progress_m - self._progress, state.lateral, reason,
                                 self.route.target_speed * STEP_SECONDS, self.reward_config)
         self._progress = state.progress_m
+        red_light, stop_sign = self._traffic_rules.update(self._ego)
         obs, full = self._observe(state, position, yaw, speed)
-        return obs, reward, terminated, truncated, self._info(state, full, speed, collision, off_route, reason)
+        return obs, reward, terminated, truncated, self._info(state, full, speed, collision, off_route, reason,
+                                                              red_light, stop_sign)
 
     # -- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -545,6 +578,7 @@ class CarlaDrivingEnv(gym.Env):
             self.lane_invasions = self._offroad_steps = 0
             self._tracker = RouteTracker(self._route_rh)
             self._termination.reset()
+            self._traffic_rules.reset()
             position, yaw, speed = self._ego_pose()
             state = self._tracker.reset(position)
             self._progress = state.progress_m

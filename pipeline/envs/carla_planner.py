@@ -27,6 +27,18 @@ from pipeline.envs.driving import resample_polyline
 from pipeline.errors import PipelineError
 
 LaneKey = tuple[int, int, int]
+
+
+class UnplannableRouteError(PipelineError):
+    """No route through the given points; ``index`` is the point that could not be reached."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):  # errors cross to the dask driver; the default would drop ``index``
+        return type(self), (self.index, str(self))
+
 _START, _GOAL = "start", "goal"
 
 
@@ -152,8 +164,25 @@ class RoutePlanner:
     def plan(self, start, goal, via=(), start_yaw_deg: float | None = None) -> np.ndarray:
         """Dense route ``(N, 3)`` float64 (x, y, z), ``resolution`` apart, from ``start`` through
         each ``via`` point to ``goal``; points are (x, y[, z]) in map coordinates."""
-        stops = [self.snap(start, start_yaw_deg)] + [self.snap(p) for p in (*via, goal)]
-        legs = [self._leg(a, b) for a, b in zip(stops, stops[1:])]
+        return self.plan_through([start, *via, goal], start_yaw_deg)
+
+    def plan_through(self, points, start_yaw_deg: float | None = None) -> np.ndarray:
+        """Like :meth:`plan`, through ``points`` in order (the first is the start). A point with no
+        lane near it, or a leg with no drivable path, raises :class:`UnplannableRouteError` naming
+        that point by its index."""
+        stops = []
+        for index, point in enumerate(points):
+            try:
+                stops.append(self.snap(point, start_yaw_deg if index == 0 else None))
+            except PipelineError as exc:
+                raise UnplannableRouteError(index, f"waypoint {index}: {exc}") from None
+        legs = []
+        for index, (a, b) in enumerate(zip(stops, stops[1:])):
+            try:
+                legs.append(self._leg(a, b))
+            except PipelineError as exc:
+                raise UnplannableRouteError(
+                    index + 1, f"waypoint {index + 1} cannot be reached from waypoint {index}: {exc}") from None
         return resample_polyline(np.concatenate(legs, axis=0), self.resolution)
 
     def _leg(self, a, b) -> np.ndarray:
@@ -170,7 +199,7 @@ class RoutePlanner:
             self._add_endpoints(ka, ia, kb, ib)
             try:
                 nodes = nx.shortest_path(graph, _START, _GOAL, weight="weight")
-            except nx.NetworkXNoPath:
+            except (nx.NetworkXNoPath, nx.NodeNotFound):  # NodeNotFound: a dead-end start lane adds no edges
                 loc_a, loc_b = a.transform.location, b.transform.location
                 raise PipelineError(
                     f"no drivable route from ({loc_a.x:.1f}, {loc_a.y:.1f}) to ({loc_b.x:.1f}, {loc_b.y:.1f}) "

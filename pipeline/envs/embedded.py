@@ -255,6 +255,8 @@ class EmbeddedDrivingEnv(gym.Env):
             "collision": bool(collision),
             "collision_kind": "vehicle" if collision else None,  # the track holds only vehicles
             "off_route": bool(off_route),
+            "red_light": False,  # the racetrack has no traffic lights or stop signs
+            "stop_sign": False,
             "speed": float(self._ego.speed),
             "termination": termination,
             "progress_m": state.progress_m,

@@ -62,6 +62,16 @@ def list_routes(backend: str | None = None) -> list[Route]:
 
 
 def get_route(name: str) -> Route:
+    """The route called ``name``: a named route, or one route of a Leaderboard file (``FILE.xml#ID``,
+    or ``FILE.xml`` when the file holds a single route)."""
+    from pipeline.envs import route_files
+
+    if route_files.is_route_file(name):
+        found = route_files.routes_in(name)
+        if len(found) > 1:
+            raise UnknownRouteError(f"{name} holds {len(found)} routes; name one as {name}#ID "
+                                    f"({', '.join(r.name for r in found[:3])}, ...)")
+        return found[0]
     routes = _load_routes()
     if name not in routes:
         by_backend = "; ".join(
@@ -69,3 +79,10 @@ def get_route(name: str) -> Route:
         )
         raise UnknownRouteError(f"unknown route {name!r}; known routes ({by_backend})")
     return routes[name]
+
+
+def resolve_routes(spec: str) -> list[Route]:
+    """What ``--route SPEC`` drives: a named route, every route of ``FILE.xml``, or ``FILE.xml#ID``."""
+    from pipeline.envs import route_files
+
+    return route_files.routes_in(spec) if route_files.is_route_file(spec) else [get_route(spec)]

@@ -35,8 +35,13 @@ sensor often reports one crash over a few ticks) is one event.
 
 Backend mapping: the embedded highway-env racetrack has no pedestrians, traffic lights or static
 obstacles, so its ``collision`` is a vehicle collision and its red-light / stop-sign counts are 0.
-A backend that knows more reports it per step as ``info["collision_kind"]`` ("pedestrian",
-"vehicle" or "static"; default "vehicle"), ``info["red_light"]`` and ``info["stop_sign"]`` (bools).
+The CARLA backend reports per step ``info["collision_kind"]`` ("pedestrian", "vehicle" or
+"static"; default "vehicle"), and ``info["red_light"]`` / ``info["stop_sign"]`` (bools, True on the
+tick of the infraction, judged by the Leaderboard 1.0 rules in :mod:`pipeline.envs.carla_infractions`).
+
+Over several routes, :func:`leaderboard_summary` gives the Leaderboard's global figures: the mean
+over routes of driving score, route completion and infraction penalty, and infractions per km by
+the Leaderboard's kinds (:data:`LEADERBOARD_INFRACTIONS`).
 """
 
 from __future__ import annotations
@@ -209,3 +214,50 @@ def summarize(episodes: list[EpisodeMetrics]) -> dict:
     out.update({f"{name}_per_km": count / km for name, count in totals.items()})
     out["terminations"] = dict(sorted(Counter(e.termination for e in episodes).items()))
     return out
+
+
+#: The Leaderboard's infraction kinds (its result files' names) -> how we count them: an
+#: :class:`EpisodeMetrics` count, or an episode ending (``termination``) that the leaderboard
+#: records as an infraction.
+LEADERBOARD_INFRACTIONS: dict[str, str] = {
+    "collisions_pedestrian": "collisions_pedestrian",
+    "collisions_vehicle": "collisions_vehicle",
+    "collisions_layout": "collisions_static",
+    "red_light": "red_lights",
+    "stop_infraction": "stop_signs",
+    "route_dev": "off_route_events",
+    "vehicle_blocked": "termination:stuck",
+    "route_timeout": "termination:timeout",
+}
+
+
+def _count(episode: EpisodeMetrics, how: str) -> int:
+    if how.startswith("termination:"):
+        return int(episode.termination == how.split(":", 1)[1])
+    return int(getattr(episode, how))
+
+
+def leaderboard_summary(by_route: dict[str, list[EpisodeMetrics]]) -> dict:
+    """The Leaderboard's global figures over several routes: driving score, route completion and
+    infraction penalty are the mean over routes of each route's mean over its episodes (so a route
+    with more repetitions does not weigh more); infractions per km, by kind, are total counts over
+    the total kilometres driven, km floored at :data:`MIN_KM`."""
+    if not by_route or not all(by_route.values()):
+        raise ValueError("leaderboard_summary() needs at least one episode per route")
+    episodes = [e for es in by_route.values() for e in es]
+
+    def route_mean(name: str) -> float:
+        return float(np.mean([np.mean([getattr(e, name) for e in es]) for es in by_route.values()]))
+
+    km = max(sum(e.distance_m for e in episodes) / 1000.0, MIN_KM)
+    counts = {kind: sum(_count(e, how) for e in episodes) for kind, how in LEADERBOARD_INFRACTIONS.items()}
+    return {
+        "routes": len(by_route),
+        "episodes": len(episodes),
+        "driving_score": route_mean("driving_score"),
+        "route_completion": route_mean("route_completion"),
+        "infraction_penalty": route_mean("infraction_penalty"),
+        "distance_km": sum(e.distance_m for e in episodes) / 1000.0,
+        "infractions": counts,
+        "infractions_per_km": {kind: count / km for kind, count in counts.items()},
+    }

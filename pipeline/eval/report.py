@@ -39,6 +39,11 @@ def short_labels(labels) -> dict[str, str]:
     return {label: label for label in labels}
 
 
+def display_route(name: str) -> str:
+    """A route as tables and plots show it: a route file's ``dir/file.xml#ID`` as ``file.xml#ID``."""
+    return os.path.basename(name) if "#" in name else name
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(".pt", "")).strip("_") or "policy"
 
@@ -91,7 +96,7 @@ def plot_summary(report: dict, path: Path) -> None:
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                    label=short[label])
         ax.set_title(title)
-        ax.set_xticks(x, routes)
+        ax.set_xticks(x, [display_route(r) for r in routes], rotation=30 if len(routes) > 3 else 0)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[:2]:
         ax.set_ylim(0, 105)
@@ -137,11 +142,38 @@ def print_table(report: dict, console=None) -> None:
         rows = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
         for route, s in rows:
             table.add_row(
-                short[label], route, str(s["episodes"]),
+                short[label], display_route(route), str(s["episodes"]),
                 f"{s['route_completion']:.1f}", f"{s['driving_score']:.1f}", f"{s['infraction_penalty']:.2f}",
                 str(s["collisions"]), str(s["off_route_events"]), f"{s['infractions_per_km']:.2f}",
                 f"{s['episode_return']:.2f}", f"{s['length']:.0f}", f"{s['mean_speed']:.1f}",
                 ", ".join(f"{k} {v}" for k, v in s["terminations"].items()),
                 end_section=route == "all" or (not many_routes),
             )
+    console.print(table)
+    if many_routes or any(r.get("backend") == "carla" for r in report["routes"].values()):
+        print_leaderboard(report, console)
+
+
+def print_leaderboard(report: dict, console) -> None:
+    """The Leaderboard's global figures, one column per policy (narrow: the kinds are rows)."""
+    from rich.table import Table
+
+    from pipeline.eval.metrics import LEADERBOARD_INFRACTIONS
+
+    short = short_labels(report["summary"])
+    boards = {short[label]: s["leaderboard"] for label, s in report["summary"].items()}
+    first = next(iter(boards.values()))
+    table = Table(title=f"Leaderboard: {first['routes']} routes",
+                  title_justify="left")
+    table.add_column("figure")
+    for label in boards:
+        table.add_column(label, justify="right")
+    for key, name in (("driving_score", "driving score"), ("route_completion", "route completion %"),
+                      ("infraction_penalty", "infraction penalty")):
+        table.add_row(name, *(f"{b[key]:.3f}" if key == "infraction_penalty" else f"{b[key]:.1f}"
+                              for b in boards.values()))
+    for i, kind in enumerate(LEADERBOARD_INFRACTIONS):
+        table.add_row(f"{kind} /km", *(f"{b['infractions_per_km'][kind]:.2f}" for b in boards.values()),
+                      end_section=i == len(LEADERBOARD_INFRACTIONS) - 1)
+    table.add_row("km driven", *(f"{b['distance_km']:.2f}" for b in boards.values()))
     console.print(table)

@@ -18,20 +18,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import platform
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.cluster import dask_client
-from pipeline.envs import Route, get_route, list_routes, make_env
+from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
+from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
 from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.envs.spec import CAMERAS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
-from pipeline.eval.metrics import LANE_HALF_WIDTH_M, MIN_KM, PENALTY, EpisodeMetrics, EpisodeTracker, summarize
+from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
+                                   EpisodeTracker, leaderboard_summary, summarize)
 
 REPORT_FORMAT = "pipeline.eval"
 REPORT_VERSION = 1
@@ -53,6 +55,7 @@ class EvalConfig:
     scheduler: str | None = None  # address of an existing dask scheduler
     video: bool = False  # record the first episode of each policy
     simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
+    carla_servers: tuple[tuple[str, int], ...] = ()  # one CARLA server per dask worker (host, port)
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,17 @@ def _simulator_options(route: Route, simulator) -> tuple[tuple[str, object], ...
     return tuple(sorted(dict(simulator or {}).items())) if route.backend == "carla" else ()
 
 
+def _is_carla(route_name: str) -> bool:
+    return get_route(route_name).backend == "carla"
+
+
 def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = (), camera: str | None = None):
     key = (route, vector_fields, traffic, max_steps, simulator, camera)
     if key not in _ENVS:
+        if _is_carla(route):  # a CARLA server runs one env at a time: hand it over
+            for other in [k for k in _ENVS if k[4] == simulator and _is_carla(k[0])]:
+                with contextlib.suppress(Exception):
+                    _ENVS.pop(other).close()
         try:
             _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
                                   camera=camera, **dict(simulator))
@@ -154,6 +165,16 @@ def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
     if policy_key not in _POLICIES:
         _POLICIES[policy_key] = make_policy(task.policy, env)
     return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video)
+
+
+def run_task_on(task: EpisodeTask, server: dict) -> tuple[EpisodeMetrics, np.ndarray | None]:
+    """:func:`run_task` on one server of ``--carla-servers`` (``server``: host, port, tm_port)."""
+    simulator = tuple(sorted({**dict(task.simulator), **server}.items()))
+    return run_task(replace(task, simulator=simulator))
+
+
+def _describe(task: EpisodeTask) -> str:
+    return f"the episode of {task.policy} on {task.route} seed {task.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +268,28 @@ def _prepare_out(out: str) -> Path:
     return path
 
 
-def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool) -> list:
-    """Results of ``tasks`` in task order, whatever order they finish in."""
+def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, events: list[str]) -> list:
+    """Results of ``tasks`` in task order, whatever order they finish in. Lines about CARLA servers
+    lost on the way are printed and added to ``events``."""
     results: list = [None] * len(tasks)
     with _progress(progress, len(tasks)) as advance:
-        if config.workers or config.scheduler:
+        if config.carla_servers:
+            def notify(line: str) -> None:
+                events.append(line)
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+
+            servers = list(config.carla_servers)
+            with dask_client(local_workers_for(servers, config.workers, config.scheduler), config.scheduler) as client:
+                try:
+                    for i, result in run_on_servers(
+                            client, servers, tasks, run_task_on, describe=_describe, notify=notify,
+                            is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
+                        results[i] = result
+                        advance(result[0])
+                finally:
+                    with contextlib.suppress(Exception):  # a worker that died has nothing left to close
+                        client.run(close_envs)  # every worker hands its server back
+        elif config.workers or config.scheduler:
             from dask.distributed import as_completed
 
             with dask_client(config.workers, config.scheduler) as client:
@@ -286,6 +324,36 @@ def _progress(enabled: bool, total: int):
         yield advance
 
 
+def _check_simulators(tasks: list[EpisodeTask], config: EvalConfig) -> dict[str, float]:
+    """Fail before anything is written when a simulator is missing; returns each route's video fps.
+
+    Embedded envs are built here (cheap, and reused), and without ``--carla-servers`` the first
+    CARLA route's env too (which also checks the server); with them, each server is only asked
+    whether it answers: the workers build the envs."""
+    if config.carla_servers:
+        probe_servers(list(config.carla_servers), config.simulator)
+    fps = {}
+    for task in tasks:
+        if _is_carla(task.route):
+            # one env per server: the first CARLA route's env is built here, the others in turn
+            if not config.carla_servers and not any(_is_carla(route) for route in fps):
+                _env_for(*task.env_key)
+            fps[task.route] = carla_render_fps()
+        else:
+            fps[task.route] = float(_env_for(*task.env_key).unwrapped.metadata.get("render_fps", 10))
+    return fps
+
+
+def route_list(specs) -> list[Route]:
+    """The routes that ``--route`` options name (a route file gives all its routes), each once.
+    Unknown names fail with the list of known ones."""
+    routes: dict[str, Route] = {}
+    for spec in dict.fromkeys(specs):
+        for route in resolve_routes(spec):
+            routes.setdefault(route.name, route)
+    return list(routes.values())
+
+
 def scoring_conventions() -> dict:
     """The pinned scoring rules, stored in every report so numbers stay interpretable."""
     return {
@@ -295,6 +363,9 @@ def scoring_conventions() -> dict:
         "off_route": "penalty x (1 - off_route_share); share = fraction of steps off route or "
                      f"|lateral offset| > {LANE_HALF_WIDTH_M} m",
         "per_km": f"counts / km driven along the route (progress), km floored at {MIN_KM}",
+        "leaderboard": "summary[policy]['leaderboard']: driving score, route completion and penalty are "
+                       "means over routes of per-route means; infractions per km by Leaderboard kind "
+                       f"({', '.join(LEADERBOARD_INFRACTIONS)}) are totals / total km",
     }
 
 
@@ -310,9 +381,13 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         raise PipelineError(f"--max-steps must be a positive number, got {config.max_steps}")
     if not config.policies:
         raise PipelineError("nothing to evaluate: give --checkpoint PATH or --policy expert|random")
-    routes = [get_route(name) for name in dict.fromkeys(config.routes)]  # unknown names list the known
-    if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes):
-        raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler")
+    routes = route_list(config.routes)
+    if config.carla_servers and any(r.backend != "carla" for r in routes):
+        raise PipelineError("--carla-servers is for CARLA routes; evaluate embedded routes in another run")
+    if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes) \
+            and not config.carla_servers:
+        raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler "
+                            "or give one server per worker with --carla-servers")
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
 
     tasks = []
@@ -327,13 +402,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                     record_video=config.video and r_index == 0 and s_index == 0))
     started = time.perf_counter()
     try:
-        # Build every env before writing anything: a CARLA route with no server stops here.
-        fps = {}
-        for task in tasks:
-            env = _env_for(*task.env_key)
-            fps[task.route] = float(env.unwrapped.metadata.get("render_fps", 10))
+        fps = _check_simulators(tasks, config)
         out = _prepare_out(config.out)
-        results = _run_tasks(tasks, config, progress)
+        server_events: list[str] = []
+        results = _run_tasks(tasks, config, progress, server_events)
     finally:
         close_envs()
 
@@ -344,19 +416,24 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "elapsed_s": time.perf_counter() - started,
-        "config": {**{k: v for k, v in asdict(config).items() if k != "simulator"},
+        # not asdict(config): it would deep-copy the simulator options (a test's client factory)
+        "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name != "simulator"},
                    "seeds": {r.name: episode_seeds(r, config.episodes, config.seed) for r in routes}},
         "scoring": scoring_conventions(),
         "routes": {r.name: asdict(r) for r in routes},
         "policies": [{k: v for k, v in p.items() if k not in ("vector_fields", "camera")} for p in policies],
+        "carla_servers": [f"{host}:{port}" for host, port in config.carla_servers],
+        "server_events": server_events,  # CARLA servers lost during the run; their episodes ran again
         "summary": {},
         "episodes": [],
     }
     for p in policies:
         mine = [m for t, (m, _) in zip(tasks, results) if t.policy == p["label"]]
+        by_route = {r.name: [m for m in mine if m.route == r.name] for r in routes}
         report["summary"][p["label"]] = {
             "overall": summarize(mine),
-            "by_route": {r.name: summarize([m for m in mine if m.route == r.name]) for r in routes},
+            "by_route": {name: summarize(ms) for name, ms in by_route.items()},
+            "leaderboard": leaderboard_summary(by_route),
         }
         report["episodes"] += [{"policy": p["label"], **m.to_dict()} for m in mine]
     videos = {t.policy: (frames, fps[t.route]) for t, (_, frames) in zip(tasks, results) if frames is not None}

@@ -166,10 +166,10 @@ def _route_for(config: TrainConfig, store) -> str:
 
 def _env_for(config: TrainConfig, store, route: str):
     """Rebuild the env for ``route`` with the dataset's obs spec (or the options without data)."""
-    from pipeline.envs import get_route, make_env
+    from pipeline.envs import make_env, resolve_routes
     from pipeline.envs.spec import CAMERAS
 
-    simulator = config.simulator if get_route(route).backend == "carla" else {}
+    simulator = config.simulator if resolve_routes(route)[0].backend == "carla" else {}
     if store is None:
         return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic, camera=config.camera,
                         **simulator)
@@ -209,7 +209,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary dict. See the module docstring."""
     from pipeline.datasets.replay import DictReplayBuffer
     from pipeline.envs.spec import ActionSpec
-    from pipeline.envs import get_route
+    from pipeline.envs import resolve_routes
     from pipeline.train.td3 import TD3Agent, TD3Config, read_checkpoint, resolve_device
 
     if config.steps <= 0:
@@ -232,7 +232,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise PipelineError("nothing to learn from: give --data, or allow online rollouts (--online-every > 0)")
     online_mix = 1.0 if store is None else (config.online_mix if online else 0.0)
     route = _route_for(config, store)
-    if config.eval_every and get_route(route).backend == "carla":
+    if config.eval_every and resolve_routes(route)[0].backend == "carla":
         raise PipelineError("--eval-every needs a second env, and a CARLA server runs one at a time; "
                             "evaluate the checkpoints with `pipeline eval` instead")
     env = _env_for(config, store, route)
