@@ -186,7 +186,8 @@ def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.
     else:
         dim = env.unwrapped.obs_spec.vector_dim
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
-    return vectors.mean(0).astype(np.float32), np.maximum(vectors.std(0), 1e-3).astype(np.float32)
+    # raw std: the Encoder applies the one floor for near-constant fields (networks.MIN_VECTOR_STD)
+    return vectors.mean(0).astype(np.float32), vectors.std(0).astype(np.float32)
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
