@@ -109,8 +109,10 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--online-mix", type=float, default=0.5, show_default=True,
               help="Share of each batch from fresh rollouts; 0 = pure offline.")
 @click.option("--route", default=None, help="Route for rollouts [default: the dataset's, else racetrack].")
-@click.option("--steps", type=int, default=100_000, show_default=True, help="Gradient updates.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--steps", type=int, default=None,
+              help="Gradient updates [default: 3000 on CPU, 100000 on CUDA; on --resume the run's].")
+@click.option("--batch-size", type=int, default=None,
+              help="[default: 64 on CPU, 256 on CUDA; on --resume the run's].")
 @click.option("--online-every", type=int, default=50, show_default=True,
               help="Updates between rollout chunks; 0 disables rollouts.")
 @click.option("--online-steps", type=int, default=None, help="Env steps per rollout chunk [default: --online-every].")
@@ -134,7 +136,8 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--vector-fields", default=None, help="Without --data: vector fields, e.g. 'speed'.")
 @click.option("--traffic", type=int, default=None, help="Without --data: other vehicles.")
 @click.option("--out", default=None, help="Run folder [default: runs/<timestamp>].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt; a changed learner option is refused.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @carla_options
