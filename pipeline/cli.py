@@ -137,7 +137,7 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--traffic", type=int, default=None, help="Without --data: other vehicles.")
 @click.option("--out", default=None, help="Run folder [default: runs/<timestamp>].")
 @click.option("--resume", is_flag=True,
-              help="Continue the run in --out from its last.pt; a changed learner option is refused.")
+              help="Continue the run in --out from its last.pt, with its options; a changed learner option is refused.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @carla_options
@@ -158,6 +158,9 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
 
     if resume and out is None:
         raise PipelineError("--resume needs the --out of the run to continue")
+    ctx = click.get_current_context()
+    given = tuple("augment" if name == "no_augment" else name for name in ctx.params
+                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
     config = TrainConfig(
         out=out or _default_run_name(), data=data, data_cache=data_cache, route=route, steps=steps, batch_size=batch_size,
         online_mix=online_mix, online_every=online_every, online_steps=online_steps,
@@ -165,7 +168,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,
         augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
-        traffic=traffic, resume=resume, simulator=_carla_kwargs(carla_host, carla_port),
+        traffic=traffic, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
     )
     summary = run_train(config, progress=not quiet)
     recent = summary["recent_return"]

@@ -91,9 +91,9 @@ def test_checkpoint_of_another_obs_spec_is_refused(tmp_path, expert_store):
     assert run_cli("train", "--steps", 2, "--warmup-steps", 10, "--online-every", 2, "--vector-fields", "speed",
                    "--out", run, *TINY).returncode == 0
     online_meta = (run / "online.zarr" / "zarr.json").read_bytes()
-    # the changed options (a dataset of another spec) are refused before the checkpoint is applied
+    # a dataset (of another spec) given on resume is a changed option, refused before anything opens
     assert_one_line_error(run_cli("train", "--data", expert_store, "--steps", 4, "--resume", "--out", run, *TINY),
-                          "--data", "--vector-fields")
+                          "--data", "the run has unset")
     assert (run / "online.zarr" / "zarr.json").read_bytes() == online_meta  # the refused run touched nothing
 
 
@@ -168,6 +168,10 @@ def test_a_folder_without_checkpoint_is_reused_and_changed_learner_options_are_r
                                          "--encoder-update", "frozen", *common), "--bc-alpha 2.5", "--gamma 0.9")
     assert "--encoder-update frozen (the run has critic)" in line
     assert (run / "last.pt").read_bytes() == before
+    # options not given take the run's: its --data and --online-mix 0 (the default 0.5 would roll out)
+    result = run_cli("train", "--steps", 4, "--resume", "--out", run, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert [int(r["update"]) for r in _rows(run)] == [2, 4] and not (run / "online.zarr").exists()
 
     other = tmp_path / "not_a_run"
     other.mkdir()

@@ -16,8 +16,8 @@ Ctrl-C writes ``last.pt`` before exiting.
 
 Resume: the online ring is refilled from ``<out>/online.zarr``, the rollouts continue on the
 ``online_every`` schedule from the saved counters, and metrics logged after the checkpoint's update
-(by a run killed later) are dropped. Learner options (:data:`LEARNER_OPTIONS`) that differ from the
-run's are refused, all named in one line: a run is one experiment. ``steps``, logging, checkpoint,
+(by a run killed later) are dropped. Learner options (:data:`LEARNER_OPTIONS`) not given take the run's
+values; given ones that differ are refused, all named in one line: a run is one experiment. ``steps``, logging, checkpoint,
 evaluation, device and replay-memory options may change. A run folder without a checkpoint (a run
 killed before its first) is reused by a new run; stale checkpoint temp files are removed on start.
 
@@ -33,8 +33,8 @@ import random
 import shutil
 import time
 from collections import deque
-from datetime import timedelta
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,9 @@ class TrainConfig:
     vector_fields: str | None = None  # only without --data (the dataset's spec wins)
     traffic: int | None = None
     resume: bool = False
+    # The options the user gave (the CLI passes them); on resume the other learner options take the
+    # run's values. None (library callers): every learner option must match the run's.
+    given: tuple[str, ...] | None = None
     simulator: dict = field(default_factory=dict)  # backend options (CARLA host/port)
 
 
@@ -148,12 +151,17 @@ def _clear_leftovers(out: Path, resume: bool) -> None:
 
 
 def _check_resume_options(saved: dict, config: TrainConfig, last: Path) -> TrainConfig:
-    """The run's saved config with this invocation's non-learner options; a changed learner option
-    is a :class:`PipelineError` naming each. ``None`` steps/batch size take the run's values."""
-    filled = replace(config, **{k: saved[k] for k in ("steps", "batch_size")
-                                if getattr(config, k) is None and saved.get(k) is not None})
-    now = json.loads(json.dumps(asdict(filled), default=str))
-    shown = lambda value: "unset" if value is None else value  # noqa: E731
+    """``config`` for resuming the run whose saved config is ``saved``: learner options not in
+    ``config.given`` and ``None`` steps/batch size take the run's values; a given learner option
+    that differs is a :class:`PipelineError` naming each."""
+    unset = [k for k in LEARNER_OPTIONS if config.given is not None and k not in config.given]
+    unset += [k for k in ("steps", "batch_size") if getattr(config, k) is None]
+    filled = replace(config, **{k: saved[k] for k in unset if k in saved and saved[k] is not None})
+    now = json.loads(json.dumps(asdict(filled), default=str))  # compared as saved: JSON values
+
+    def shown(value):
+        return "unset" if value is None else value
+
     changed = [f"{flag} {shown(now[name])} (the run has {shown(saved[name])})"
                for name, flag in LEARNER_OPTIONS.items() if name in saved and now[name] != saved[name]]
     if changed:
