@@ -151,8 +151,10 @@ def _say_lost_servers(events: list[str]) -> None:
               help="Share of each batch from fresh rollouts; 0 = pure offline.")
 @click.option("--route", default=None,
               help="Route for rollouts [default: the dataset's, else racetrack]; FILE.xml drives its routes in turn.")
-@click.option("--steps", type=int, default=100_000, show_default=True, help="Gradient updates.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--steps", type=int, default=None,
+              help="Gradient updates [default: 3000 on CPU, 100000 on CUDA; on --resume the run's].")
+@click.option("--batch-size", type=int, default=None,
+              help="[default: 64 on CPU, 256 on CUDA; on --resume the run's].")
 @click.option("--online-every", type=int, default=50, show_default=True,
               help="Updates between rollout chunks; 0 disables rollouts.")
 @click.option("--online-steps", type=int, default=None, help="Env steps per rollout chunk [default: --online-every].")
@@ -176,7 +178,8 @@ def _say_lost_servers(events: list[str]) -> None:
 @click.option("--vector-fields", default=None, help="Without --data: vector fields, e.g. 'speed'.")
 @click.option("--traffic", type=int, default=None, help="Without --data: other vehicles.")
 @click.option("--out", default=None, help="Run folder [default: runs/<timestamp>].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt, with its options; a changed learner option is refused.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @camera_option(" Without --data only: a dataset brings its own.")
@@ -199,6 +202,9 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
     if resume and out is None:
         raise PipelineError("--resume needs the --out of the run to continue")
     _note_ignored_scenarios([route])
+    ctx = click.get_current_context()
+    given = tuple("augment" if name == "no_augment" else name for name in ctx.params
+                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
     config = TrainConfig(
         out=out or _default_run_name(), data=data, data_cache=data_cache, route=route, steps=steps, batch_size=batch_size,
         online_mix=online_mix, online_every=online_every, online_steps=online_steps,
@@ -206,7 +212,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,
         augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
-        traffic=traffic, camera=camera, resume=resume, simulator=_carla_kwargs(carla_host, carla_port),
+        traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
     )
     summary = run_train(config, progress=not quiet)
     recent = summary["recent_return"]

@@ -358,6 +358,26 @@ def test_online_episodes_go_to_the_online_store(tmp_path):
     assert TransitionStore(online).num_episodes == 5
 
 
+def test_refill_online_restores_the_newest_whole_episodes_of_the_online_store(tmp_path):
+    # a resumed run's ring starts with the run's own rollouts, not empty
+    episodes = [make_episode(300 + i, 30 + 7 * i, SPEC) for i in range(6)]  # 30, 37, ..., 65 steps
+    online = tmp_path / "online.zarr"
+    with DictReplayBuffer(None, online_capacity=1000, obs_spec=SPEC, n_step=3, gamma=GAMMA, prefetch=0,
+                          device="cpu", online_store=online) as buffer:
+        feed(buffer, episodes)
+    capacity = 65 + 58 + 10  # room for the two newest episodes only
+    with DictReplayBuffer(None, online_capacity=capacity, obs_spec=SPEC, n_step=3, gamma=GAMMA, prefetch=0,
+                          device="cpu", online_store=online) as buffer:
+        with pytest.raises(RuntimeError, match="nothing to sample"):
+            buffer.sample(4)
+        assert buffer.refill_online() == 65 + 58
+        assert buffer.online_size == 65 + 58  # finished episodes: every step has its n-step target
+        rows = check_batch(buffer.sample(512), episodes, 3)
+        assert {e for e, _ in rows} == {4, 5}
+        assert {t for e, t in rows if e == 5} >= {0, 64}  # first and last steps of an episode
+    assert TransitionStore(online).num_episodes == 6  # refilled, not written again
+
+
 def test_spec_mismatch_is_refused(big_store):
     url, _ = big_store
     with pytest.raises(SpecMismatchError, match="vector_fields.*image_size|image_size"):

@@ -147,6 +147,117 @@ def test_actor_loss_reaches_encoder_only_in_actor_critic_mode(mode, reaches_enco
     assert all(p.grad is None for p in agent.critic.parameters()) and not changed(agent.critic, critic)
 
 
+def _encoder_grads_of(agent, loss_of_features):
+    """Gradients of ``loss_of_features(phi)`` w.r.t. the encoder weights, phi = encoder(obs) live."""
+    params = list(agent.encoder.parameters())
+    return params, torch.autograd.grad(loss_of_features, params)
+
+
+def test_actor_critic_mode_reaches_the_encoder_through_the_policy_only():
+    # The actor loss must be -Q1(sg(phi), pi(phi)): the critic reads detached features, so the CNN
+    # is trained to act better, not to inflate Q through the critic's state input.
+    agent = make_agent(encoder_update="actor+critic", augment=False)
+    batch = make_batch()
+    phi = agent.encoder(batch["obs"])
+    params, expected = _encoder_grads_of(agent, -agent.critic.q1(phi.detach(), agent.actor(phi)).mean())
+    phi = agent.encoder(batch["obs"])
+    _, with_critic_path = _encoder_grads_of(agent, -agent.critic.q1(phi, agent.actor(phi)).mean())
+    assert any(not torch.allclose(a, b) for a, b in zip(expected, with_critic_path))  # the test can tell
+
+    agent.update_actor(batch)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g)
+
+    # a policy that ignores its input gives the encoder no gradient at all from the actor loss
+    agent = make_agent(encoder_update="actor+critic", augment=False)
+    torch.nn.init.zeros_(agent.actor.net[-1].weight)
+    agent.update_actor(batch)
+    assert all(p.grad is None or not p.grad.any() for p in agent.encoder.parameters())
+
+
+def test_td3_bc_reaches_the_encoder_in_critic_mode_but_the_q_term_does_not():
+    agent = make_agent(bc_alpha=2.5, augment=False)  # default encoder_update="critic"
+    batch = make_batch(b=8)
+    offline = torch.tensor([True] * 5 + [False] * 3)
+    label = torch.from_numpy(np.random.default_rng(7).uniform(-1, 1, (8, 2)).astype(np.float32))
+    batch.update(offline=offline, bc_action=label)  # the expert's label differs from the action taken
+    phi = agent.encoder(batch["obs"])
+    per_row = ((agent.actor(phi) - label) ** 2).mean(1)
+    bc_only = (per_row * offline).sum() / offline.sum()
+    params, expected = _encoder_grads_of(agent, bc_only)
+    before = snapshot(agent.encoder)
+
+    metrics = agent.update_actor(batch)
+
+    for p, g in zip(params, expected):  # exactly the BC term's gradient: no Q term in it
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, g)
+    assert metrics["bc_loss"] == pytest.approx(bc_only.item(), rel=1e-5)
+    assert metrics["encoder_grad_norm"] > 0
+    assert changed(agent.encoder, before) == set(before)  # the encoder optimiser stepped on it
+    assert all(p.grad is None for p in agent.critic.parameters())
+
+    # without a bc_action field the target is the batch's action
+    agent = make_agent(bc_alpha=2.5, augment=False)
+    batch = make_batch(b=8)
+    phi = agent.encoder(batch["obs"])
+    expected_bc = ((agent.actor(phi) - batch["action"]) ** 2).mean()
+    assert agent.update_actor(batch)["bc_loss"] == pytest.approx(expected_bc.item(), rel=1e-5)
+
+
+def test_autocast_covers_the_cnn_only_heads_and_td_target_run_in_fp32():
+    # CUDA's bf16 autocast is emulated on CPU: torch.autocast("cpu", bfloat16) is the same context
+    # manager the agent enters on CUDA, so this checks which modules run inside its scope (not
+    # CUDA kernels). The agent enables it only on CUDA; the test switches it on by hand.
+    agent = make_agent(augment=False)
+    agent._amp = True
+    seen: dict[str, set] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            for tensor in output if isinstance(output, tuple) else (output,):
+                seen.setdefault(name, set()).add(tensor.dtype)
+        return hook
+
+    for net in ("encoder", "encoder_target", "actor", "actor_target", "critic", "critic_target"):
+        for name, module in getattr(agent, net).named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.register_forward_hook(record(f"{net}.{name}"))
+        getattr(agent, net).register_forward_hook(record(net))
+    agent.update(make_batch(seed=1))
+    agent.update(make_batch(seed=2))  # the delayed actor step and the targets
+    agent.select_action({k: v.numpy() for k, v in make_batch(seed=3)["obs"].items()})
+
+    cnn = {n: d for n, d in seen.items() if n.startswith(("encoder.cnn", "encoder_target.cnn"))}
+    assert cnn and all(d == {torch.bfloat16} for d in cnn.values()), cnn  # autocast was really on
+    assert seen["encoder"] == seen["encoder_target"] == {torch.float32}  # features leave it as fp32
+    heads = {n: d for n, d in seen.items() if n.startswith(("actor", "critic"))}
+    assert {n.split(".")[0] for n in heads} == {"actor", "actor_target", "critic", "critic_target"}
+    assert all(d == {torch.float32} for d in heads.values()), heads
+
+
+def test_one_vector_floor_a_field_constant_in_warmup_is_centred_not_amplified():
+    from pipeline.train.loop import _vector_stats
+    from pipeline.train.networks import Encoder
+
+    rng = np.random.default_rng(0)
+    warmup = [rng.standard_normal(SPEC.vector_dim).astype(np.float32) for _ in range(200)]
+    for i, v in enumerate(warmup):
+        v[0] = 3.0  # constant during warm-up
+        v[1] = 1e-4 * (i % 2)  # as good as constant
+    mean, std = _vector_stats(None, None, warmup)
+    encoder = Encoder(SPEC, vector_mean=mean, vector_std=std)
+    later = mean.copy()
+    later[0] += 1.0
+    later[1] += 1.0
+    later[2] += 2.0 * std[2]
+    obs = {"image": torch.zeros((1, *SPEC.image_shape), dtype=torch.uint8), "vector": torch.from_numpy(later)[None]}
+    normalised = encoder(obs)[0, -SPEC.vector_dim:]
+    assert normalised[0].item() == pytest.approx(1.0)  # not 1000 (the old 1e-3 floor)
+    assert normalised[1].item() == pytest.approx(1.0, abs=1e-3)
+    assert normalised[2].item() == pytest.approx(2.0, rel=1e-4)  # a varying field is standardised
+
+
 # ---------------------------------------------------------------- acting
 
 

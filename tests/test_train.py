@@ -1,6 +1,8 @@
 """`pipeline train` end to end on CPU: offline + online, checkpoints, logs, resume, Ctrl-C, bad input."""
 
 import csv
+import io
+import shutil
 import signal
 import subprocess
 import time
@@ -89,8 +91,9 @@ def test_checkpoint_of_another_obs_spec_is_refused(tmp_path, expert_store):
     assert run_cli("train", "--steps", 2, "--warmup-steps", 10, "--online-every", 2, "--vector-fields", "speed",
                    "--out", run, *TINY).returncode == 0
     online_meta = (run / "online.zarr" / "zarr.json").read_bytes()
+    # a dataset (of another spec) given on resume is a changed option, refused before anything opens
     assert_one_line_error(run_cli("train", "--data", expert_store, "--steps", 4, "--resume", "--out", run, *TINY),
-                          "vector_fields")
+                          "--data", "the run has unset")
     assert (run / "online.zarr" / "zarr.json").read_bytes() == online_meta  # the refused run touched nothing
 
 
@@ -108,6 +111,13 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refusal_after_the_run_folder_was_made_removes_it(tmp_path, expert_store):
+    # the replay buffer refuses its memory budget once data and env are open and --out exists
+    assert_one_line_error(run_cli("train", "--data", expert_store, "--replay-memory", "0",
+                                  "--out", tmp_path / "run", *TINY), "memory")
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_every_logs_driving_metrics(tmp_path, expert_store):
     run = tmp_path / "with_eval"
     result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 4, "--eval-every", 2,
@@ -118,3 +128,94 @@ def test_eval_every_logs_driving_metrics(tmp_path, expert_store):
     for row in evaluated:
         assert 0.0 < float(row["eval/route_completion"]) <= 100.0  # percent, as the leaderboard
         assert float(row["eval/driving_score"]) >= 0.0
+
+
+def test_resume_at_any_update_refills_the_ring_and_keeps_the_rollout_schedule(tmp_path):
+    # A pure-online run killed after its checkpoint at update 3 (not a multiple of --online-every 4),
+    # having logged rows up to 6 and left a temp file of a checkpoint write.
+    run = tmp_path / "online"
+    common = ("--online-every", 4, "--warmup-steps", 64, "--checkpoint-every", 3, "--out", run, *TINY)
+    assert run_cli("train", "--steps", 6, *common).returncode == 0
+    shutil.copy(run / "step_3.pt", run / "last.pt")
+    (run / ".step_6.pt.tmp4242").write_bytes(b"half a checkpoint")
+
+    result = run_cli("train", "--steps", 10, "--resume", *common)
+
+    assert result.returncode == 0, result.stderr  # was: "nothing to sample yet"
+    assert [int(r["update"]) for r in _rows(run)] == [2, 4, 6, 8, 10]  # the killed run's 4 and 6 dropped
+    assert not list(run.glob(".*.tmp*"))
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    # 64 warm-up steps, chunks of 4 at updates 0 | 4, 8: the ring was refilled from online.zarr (an
+    # empty ring would have needed an extra chunk at update 3) and the schedule continued.
+    assert state["loop"]["update"] == 10 and state["loop"]["env_steps"] == 64 + 3 * 4
+
+
+def test_a_folder_without_checkpoint_is_reused_and_changed_learner_options_are_refused(tmp_path, expert_store):
+    run = tmp_path / "killed_early"
+    (run / "online.zarr").mkdir(parents=True)  # what a run killed before its first checkpoint leaves
+    (run / "tensorboard").mkdir()
+    (run / "metrics.csv").write_text("update,loss/critic_loss\n100,1.0\n")
+    (run / "config.json").write_text("{}")
+    (run / ".last.pt.tmp999").write_bytes(b"half")
+    common = ("--data", expert_store, "--online-mix", 0, "--out", run, *TINY)
+    result = run_cli("train", "--steps", 2, *common)
+    assert result.returncode == 0, result.stderr
+    assert [int(r["update"]) for r in _rows(run)] == [2]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "last.pt", "metrics.csv", "tensorboard"]
+
+    before = (run / "last.pt").read_bytes()
+    line = assert_one_line_error(run_cli("train", "--steps", 4, "--resume", "--bc-alpha", 2.5, "--gamma", 0.9,
+                                         "--encoder-update", "frozen", *common), "--bc-alpha 2.5", "--gamma 0.9")
+    assert "--encoder-update frozen (the run has critic)" in line
+    assert (run / "last.pt").read_bytes() == before
+    # options not given take the run's: its --data and --online-mix 0 (the default 0.5 would roll out)
+    result = run_cli("train", "--steps", 4, "--resume", "--out", run, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert [int(r["update"]) for r in _rows(run)] == [2, 4] and not (run / "online.zarr").exists()
+
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("train", "--steps", 2, "--data", expert_store, "--out", other, *TINY), "notes.txt")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_metrics_log_drops_rows_past_the_resumed_checkpoint(tmp_path):
+    from pipeline.train.loop import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for update in (2, 4, 6):
+        log.log(update, {"loss/critic_loss": float(update)})
+    log.close()
+    resumed = MetricsLog(tmp_path, resume_update=4)
+    resumed.log(6, {"loss/critic_loss": 60.0})
+    resumed.close()
+    assert [(int(r["update"]), float(r["loss/critic_loss"])) for r in _rows(tmp_path)] == [(2, 2.0), (4, 4.0), (6, 60.0)]
+
+
+def test_defaults_by_device_and_help_says_them():
+    from pipeline.train.loop import DEVICE_DEFAULTS, TrainConfig, device_defaults
+
+    cpu, cuda = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
+    assert cpu["batch_size"] == 64 and cuda == {"steps": 100_000, "batch_size": 256}
+    assert device_defaults(TrainConfig(out="x"), "cpu").steps == cpu["steps"]
+    assert device_defaults(TrainConfig(out="x"), "cuda").batch_size == 256
+    given = device_defaults(TrainConfig(out="x", steps=7, batch_size=5), "cuda")
+    assert (given.steps, given.batch_size) == (7, 5)  # what the user set wins
+    help_text = " ".join(run_cli("train", "--help").stdout.split())
+    assert f"{cpu['steps']} on CPU, {cuda['steps']} on CUDA" in help_text
+    assert f"{cpu['batch_size']} on CPU, {cuda['batch_size']} on CUDA" in help_text
+
+
+def test_progress_bar_moves_on_every_update_with_an_eta_from_the_start():
+    from rich.console import Console
+
+    from pipeline.train.loop import _eta, _TrainProgress
+
+    assert _eta(10.0, 5, 15) == "eta 0:00:30" and _eta(0.0, 0, 15) == "eta -:--:--"
+    with _TrainProgress(True, total=100, done=40, console=Console(file=io.StringIO())) as bar:
+        for update in (41, 42, 43):
+            bar.advance(update)
+            task = bar._progress.tasks[0]
+            assert task.completed == update  # no waiting for a log step
+        assert task.fields["eta"] not in ("", "eta -:--:--")

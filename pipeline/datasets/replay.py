@@ -643,6 +643,8 @@ class DictReplayBuffer:
         if self.offline_source is None and self.online is None:
             raise PipelineError("DictReplayBuffer has no source: give an offline store or online_capacity")
         self._writer = None
+        self._online_store = None if online_store is None else str(online_store)
+        self._storage_options = storage_options
         self.online_route = online_route  # recorded with every online episode, so online.zarr can train too
         self._recorder: EpisodeRecorder | None = None
         self.online_episodes = 0
@@ -709,6 +711,27 @@ class DictReplayBuffer:
             if self._writer is not None:
                 self._writer.append(self._recorder.finish((info or {}).get("termination") or ""))
                 self._recorder = None
+
+    def refill_online(self) -> int:
+        """Put the newest committed episodes of ``online_store`` back into the online ring (as many
+        whole episodes as its capacity holds, oldest first) without writing them again; returns
+        the transitions added. A resumed training run calls this, so it samples the rollouts of
+        the run so far instead of an empty ring. The episode that was running when the run
+        stopped was never committed and is not restored."""
+        if self.online is None or self._online_store is None:
+            return 0
+        store = TransitionStore(self._online_store, self._storage_options)
+        lengths = np.asarray(store.episodes["length"], dtype=np.int64)
+        newest_first = np.cumsum(lengths[::-1])
+        first = len(lengths) - int(np.searchsorted(newest_first, self.online.capacity, side="right"))
+        for i in range(first, len(lengths)):
+            episode = store.episode(i)
+            for t in range(episode.length):
+                self.online.add(episode.observation(t), episode.action[t], float(episode.reward[t]),
+                                episode.observation(t + 1), bool(episode.terminated[t]))
+            with self.online.lock:
+                self.online.end_episode()
+        return int(lengths[first:].sum())
 
     def refresh(self) -> None:
         """Replace one reservoir slot from disk now (what the refresh thread does; use it only

@@ -13,6 +13,16 @@ The whole loop, top to bottom:
 Checkpoints (``last.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
 RNG states, written atomically and read with ``weights_only=True``; ``resume`` continues the run.
 Ctrl-C writes ``last.pt`` before exiting.
+
+Resume: the online ring is refilled from ``<out>/online.zarr``, the rollouts continue on the
+``online_every`` schedule from the saved counters, and metrics logged after the checkpoint's update
+(by a run killed later) are dropped. Learner options (:data:`LEARNER_OPTIONS`) not given take the run's
+values; given ones that differ are refused, all named in one line: a run is one experiment. ``steps``, logging, checkpoint,
+evaluation, device and replay-memory options may change. A run folder without a checkpoint (a run
+killed before its first) is reused by a new run; stale checkpoint temp files are removed on start.
+
+Defaults by device (:data:`DEVICE_DEFAULTS`): ``steps`` and ``batch_size`` left ``None`` take the
+device's values, sized so the README's quick start finishes in minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +50,8 @@ class TrainConfig:
     data: str | None = None  # dataset store path/URL; None = pure online
     data_cache: str | None = None  # local folder caching a remote dataset's chunks
     route: str | None = None  # default: the dataset's route, else racetrack
-    steps: int = 100_000  # gradient updates
-    batch_size: int = 256
+    steps: int | None = None  # gradient updates; None: the device's default (DEVICE_DEFAULTS)
+    batch_size: int | None = None  # None: the device's default
     online_mix: float = 0.5  # share of each batch from fresh rollouts (forced to 1 without data)
     online_every: int = 50  # updates between rollout chunks; 0 disables online rollouts
     online_steps: int | None = None  # env steps per rollout chunk (default: online_every -> 1 step/update)
@@ -63,7 +75,101 @@ class TrainConfig:
     traffic: int | None = None
     camera: str | None = None  # only without --data; None: bev
     resume: bool = False
+    # The options the user gave (the CLI passes them); on resume the other learner options take the
+    # run's values. None (library callers): every learner option must match the run's.
+    given: tuple[str, ...] | None = None
     simulator: dict = field(default_factory=dict)  # backend options (CARLA host/port)
+
+
+# Per device type: (gradient updates, batch size) for options left None. CUDA keeps the issue-#9
+# protocol. On CPU an update at batch 256 took 0.3-1.7 s on the 2-core machine (100k updates: 8-46
+# hours); batch 64 and a few thousand updates fit the quick start into minutes (README, Train).
+DEVICE_DEFAULTS = {"cuda": {"steps": 100_000, "batch_size": 256}, "cpu": {"steps": 3_000, "batch_size": 64}}
+
+# Options that define what a run learns: a resumed run must keep them (TrainConfig field -> flag).
+LEARNER_OPTIONS = {
+    "data": "--data", "route": "--route", "batch_size": "--batch-size", "online_mix": "--online-mix",
+    "online_every": "--online-every", "online_steps": "--online-steps", "exploration_noise": "--exploration-noise",
+    "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
+    "gamma": "--gamma", "encoder_update": "--encoder-update", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
+    "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
+}
+
+# What a run writes into its folder besides checkpoints: a folder holding only these (a run killed
+# before its first checkpoint) may be reused. Checkpoint temp files are ".<name>.pt.tmp<pid>".
+_RUN_LEFTOVERS = ("online.zarr", "metrics.csv", "metrics.csv.tmp", "tensorboard", "config.json")
+_CHECKPOINT_TEMP = ".*.pt.tmp*"
+
+
+def device_defaults(config: TrainConfig, device_type: str) -> TrainConfig:
+    """``config`` with its ``None`` steps/batch size set to ``DEVICE_DEFAULTS[device_type]``."""
+    defaults = DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+    return replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return [p for p in (out / "last.pt", *out.glob("step_*.pt")) if p.is_file()]
+
+
+def _resume_checkpoint(out: Path) -> Path | None:
+    """``last.pt``, else the newest ``step_<n>.pt`` (a kill between writing the two), else None."""
+    if (out / "last.pt").is_file():
+        return out / "last.pt"
+    steps = [p for p in out.glob("step_*.pt") if p.is_file() and p.stem[5:].isdigit()]
+    return max(steps, key=lambda p: int(p.stem[5:]), default=None)
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse an --out that cannot hold this run (before anything is opened or written)."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file, not a run folder")
+    if resume:
+        if not out.is_dir() or _resume_checkpoint(out) is None:
+            raise PipelineError(f"nothing to resume: {out} holds no checkpoint; run without --resume to start over")
+        return
+    if not out.exists():
+        return
+    if _checkpoints(out):
+        raise PipelineError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in _RUN_LEFTOVERS and not p.match(_CHECKPOINT_TEMP))
+    if foreign:
+        raise PipelineError(f"{out} is not empty and not a run folder (it holds {foreign[0]}); choose another --out")
+
+
+def _clear_leftovers(out: Path, resume: bool) -> None:
+    """Remove checkpoint temp files of killed writes and, for a new run in a reused folder (no
+    checkpoint, see :func:`_check_run_folder`), what the killed run left."""
+    for tmp in out.glob(_CHECKPOINT_TEMP):
+        tmp.unlink(missing_ok=True)
+    if resume:
+        return
+    for name in _RUN_LEFTOVERS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _check_resume_options(saved: dict, config: TrainConfig, last: Path) -> TrainConfig:
+    """``config`` for resuming the run whose saved config is ``saved``: learner options not in
+    ``config.given`` and ``None`` steps/batch size take the run's values; a given learner option
+    that differs is a :class:`PipelineError` naming each."""
+    unset = [k for k in LEARNER_OPTIONS if config.given is not None and k not in config.given]
+    unset += [k for k in ("steps", "batch_size") if getattr(config, k) is None]
+    filled = replace(config, **{k: saved[k] for k in unset if k in saved and saved[k] is not None})
+    now = json.loads(json.dumps(asdict(filled), default=str))  # compared as saved: JSON values
+
+    def shown(value):
+        return "unset" if value is None else value
+
+    changed = [f"{flag} {shown(now[name])} (the run has {shown(saved[name])})"
+               for name, flag in LEARNER_OPTIONS.items() if name in saved and now[name] != saved[name]]
+    if changed:
+        raise PipelineError(f"--resume keeps the learner options of {last}; changed: {', '.join(changed)}; "
+                            "drop them, or start a new run with another --out")
+    return filled
 
 
 class RolloutWorker:
@@ -107,17 +213,21 @@ class RolloutWorker:
 
 
 class MetricsLog:
-    """TensorBoard scalars plus ``metrics.csv`` (one row per log step, columns grow as keys appear)."""
+    """TensorBoard scalars plus ``metrics.csv`` (one row per log step, columns grow as keys appear).
 
-    def __init__(self, out: Path):
+    ``resume_update``: a resumed run keeps the history up to its checkpoint's update and drops what
+    a run killed after that checkpoint logged, which the resumed run logs again."""
+
+    def __init__(self, out: Path, resume_update: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out / "tensorboard"))
+        purge = None if resume_update is None else resume_update + 1
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
         self.csv_path = out / "metrics.csv"
         self.rows: list[dict] = []
-        if self.csv_path.exists():  # resumed run: keep the history
+        if resume_update is not None and self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+                self.rows = [row for row in csv.DictReader(f) if int(row["update"]) <= resume_update]
 
     def log(self, step: int, scalars: dict) -> None:
         for key, value in scalars.items():
@@ -202,7 +312,8 @@ def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.
     else:
         dim = env.unwrapped.obs_spec.vector_dim
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
-    return vectors.mean(0).astype(np.float32), np.maximum(vectors.std(0), 1e-3).astype(np.float32)
+    # raw std: the Encoder applies the one floor for near-constant fields (networks.MIN_VECTOR_STD)
+    return vectors.mean(0).astype(np.float32), vectors.std(0).astype(np.float32)
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -212,19 +323,24 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     from pipeline.envs import resolve_routes
     from pipeline.train.td3 import TD3Agent, TD3Config, read_checkpoint, resolve_device
 
-    if config.steps <= 0:
+    if config.steps is not None and config.steps <= 0:
         raise PipelineError(f"--steps must be positive, got {config.steps}")
-    if config.batch_size <= 0:
+    if config.batch_size is not None and config.batch_size <= 0:
         raise PipelineError(f"--batch-size must be positive, got {config.batch_size}")
     if not 0.0 <= config.online_mix <= 1.0:
         raise PipelineError(f"--online-mix must be within [0, 1], got {config.online_mix}")
     out = Path(config.out)
     last = out / "last.pt"
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise PipelineError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if config.resume and not last.is_file():
-        raise PipelineError(f"nothing to resume: {last} does not exist")
-    resolve_device(config.device)  # an impossible device fails before anything is opened
+    _check_run_folder(out, config.resume)
+    device = resolve_device(config.device)  # an impossible device fails before anything is opened
+    checkpoint = None
+    if config.resume:
+        resume_from = _resume_checkpoint(out)
+        checkpoint = read_checkpoint(resume_from)
+        if "loop" not in checkpoint:
+            raise PipelineError(f"{resume_from} holds an agent but no training state to resume")
+        config = _check_resume_options(json.loads(checkpoint["loop"]["config"]), config, resume_from)
+    config = device_defaults(config, device.type)
     store = _open_dataset(config)
     # --online-mix 0 with data is pure offline: no rollouts at all
     online = config.online_every > 0 and (store is None or config.online_mix > 0)
@@ -239,6 +355,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     spec = env.unwrapped.obs_spec
     reward = env.unwrapped.reward_config.to_dict()
     _warn_if_rewards_differ(store, reward, online)
+    if checkpoint is not None:  # a checkpoint of another spec is refused before anything is written
+        agent = TD3Agent.from_state_dict(checkpoint, config.device, spec, what=f"checkpoint {resume_from}")
+        loop_state = checkpoint["loop"]
+    _clear_leftovers(out, config.resume)
+    created = not out.exists()
     try:  # only now that data and env are good, so a bad command leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -247,53 +368,56 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     np.random.seed(config.seed)
     random.seed(config.seed)
 
-    if config.resume:  # a checkpoint of another spec is refused before anything is opened for writing
-        checkpoint = read_checkpoint(last)
-        agent = TD3Agent.from_state_dict(checkpoint, config.device, spec, what=f"checkpoint {last}")
-        if "loop" not in checkpoint:
-            raise PipelineError(f"{last} holds an agent but no training state to resume")
-        loop_state = checkpoint["loop"]
+    replay = None
+    try:  # a failure before the loop (a bad replay option, Ctrl-C in warm-up) leaves no new folder
+        replay = DictReplayBuffer(
+            offline=store, obs_spec=spec, action_spec=ActionSpec(),
+            online_capacity=config.online_capacity if online else 0,
+            online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
+            gamma=config.gamma, device=device, prefetch=2, seed=config.seed,
+            online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
+            online_reward=reward,
+        )
+        worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
+        start_update = 0
+        if config.resume:
+            start_update = int(loop_state["update"])
+            if worker is not None:
+                replay.refill_online()  # the run's rollouts so far, so sampling resumes where it was
+                worker.episode_seed = int(loop_state["episode_seed"])
+                worker.episodes = int(loop_state["episodes"])
+                worker.env_steps = int(loop_state["env_steps"])
+                worker._new_episode()
+            _set_rng_state(loop_state["rng"])
+        else:
+            warmup_vectors: list[np.ndarray] = []
+            if store is None:  # pure online: random actions first, so the buffer has a batch to sample
+                rng = np.random.default_rng(config.seed)
 
-    replay = DictReplayBuffer(
-        offline=store, obs_spec=spec, action_spec=ActionSpec(),
-        online_capacity=config.online_capacity if online else 0,
-        online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
-        gamma=config.gamma, device=resolve_device(config.device), prefetch=2, seed=config.seed,
-        online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
-        online_reward=reward,
-    )
-    worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
-    start_update = 0
-    if config.resume:
-        start_update = int(loop_state["update"])
-        if worker is not None:
-            worker.episode_seed = int(loop_state["episode_seed"])
-            worker.episodes = int(loop_state["episodes"])
-            worker.env_steps = int(loop_state["env_steps"])
-            worker._new_episode()
-        _set_rng_state(loop_state["rng"])
-    else:
-        warmup_vectors: list[np.ndarray] = []
-        if store is None:  # pure online: random actions first, so the buffer has a batch to sample
-            rng = np.random.default_rng(config.seed)
+                def random_action(obs):
+                    warmup_vectors.append(obs["vector"])  # also gives the vector normalisation
+                    return rng.uniform(-1, 1, 2).astype(np.float32)
 
-            def random_action(obs):
-                warmup_vectors.append(obs["vector"])  # also gives the vector normalisation
-                return rng.uniform(-1, 1, 2).astype(np.float32)
-
-            worker.run(max(config.warmup_steps, config.batch_size), random_action)
-        mean, std = _vector_stats(store, env, warmup_vectors)
-        agent = TD3Agent(spec, ActionSpec(), TD3Config(
-            encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
-            device=config.device, compile=config.compile, seed=config.seed), vector_mean=mean, vector_std=std)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+                worker.run(max(config.warmup_steps, config.batch_size), random_action)
+            mean, std = _vector_stats(store, env, warmup_vectors)
+            agent = TD3Agent(spec, ActionSpec(), TD3Config(
+                encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
+                device=config.device, compile=config.compile, seed=config.seed), vector_mean=mean, vector_std=std)
+            (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    except BaseException:
+        if replay is not None:
+            replay.close()
+        env.close()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     def save(path: Path, update: int) -> None:
         loop = {"update": update, "rng": _rng_state(), **(worker.state() if worker else {}),
                 "config": json.dumps(asdict(config), default=str)}
         agent.save(path, extra={"loop": loop})
 
-    log = MetricsLog(out)
+    log = MetricsLog(out, resume_update=start_update if config.resume else None)
     online_steps = config.online_steps or config.online_every
     update = start_update
     started, last_log_time, last_log_update = time.perf_counter(), time.perf_counter(), start_update
@@ -303,11 +427,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     try:
         with bar:
             while update < config.steps:
-                if worker is not None and update % config.online_every == 0:
+                # a pure-online run resumed with nothing in its ring (no episode finished yet)
+                # drives a chunk now instead of waiting for the schedule
+                starved = store is None and replay.online_size == 0
+                if worker is not None and (update % config.online_every == 0 or starved):
                     worker.run(online_steps, lambda obs: agent.select_action(obs, noise=config.exploration_noise))
                 batch = replay.sample(config.batch_size)
                 latest = agent.update(batch)
                 update += 1
+                bar.advance(update)
                 if update % config.log_every == 0 or update == config.steps:
                     now = time.perf_counter()
                     scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
@@ -357,21 +485,38 @@ def _evaluate(agent, route: str, config: TrainConfig) -> dict:
     return {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
 
 
-class _TrainProgress:
-    """rich progress bar: updates, updates/s, recent return and route completion."""
+def _eta(elapsed: float, done: int, left: int) -> str:
+    """Time left at the mean rate since the bar started (rich's TimeRemainingColumn waits for a
+    30 s speed window, so a slow CPU run showed no ETA for its first minutes)."""
+    if done <= 0:
+        return "eta -:--:--"
+    return f"eta {timedelta(seconds=round(elapsed / done * left))}"
 
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
+
+class _TrainProgress:
+    """rich progress bar: moves on every update (:meth:`advance`); updates/s, recent return and
+    route completion at each log step (:meth:`update`); an ETA from the start of this process."""
+
+    def __init__(self, enabled: bool, total: int, done: int, console=None):
+        self.enabled, self.total, self.done, self.console = enabled, total, done, console
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+                                      TextColumn("{task.fields[status]}"), TextColumn("{task.fields[eta]}"),
+                                      console=self.console)
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.total, completed=self.done, status="")
+            self._task = self._progress.add_task("train", total=self.total, completed=self.done, status="",
+                                                 eta=_eta(0.0, 0, self.total - self.done))
+            self._started = time.perf_counter()
         return self
+
+    def advance(self, update: int) -> None:
+        if self.enabled:
+            eta = _eta(time.perf_counter() - self._started, update - self.done, self.total - update)
+            self._progress.update(self._task, completed=update, eta=eta)
 
     def update(self, update: int, scalars: dict) -> None:
         if not self.enabled:

@@ -27,6 +27,14 @@ def _orthogonal_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+# A vector field whose std is below this is treated as constant and only centred (divided by 1).
+# Statistics from a short warm-up or a tidy expert dataset can show a field as (nearly) constant
+# that later varies by whole units; dividing by its tiny std would then blow it up by 1000x or more.
+# 1e-2 is below any variation that matters in the fields' units (m, m/s, rad). This is the one
+# place the floor is applied: callers pass raw statistics.
+MIN_VECTOR_STD = 1e-2
+
+
 def _vector_stat(value, default: float, dim: int, name: str) -> torch.Tensor:
     if value is None:
         return torch.full((dim,), default, dtype=torch.float32)
@@ -41,10 +49,12 @@ class Encoder(nn.Module):
 
     ``forward(obs)`` takes ``{"image": uint8 or float (B, C, H, W) in [0, 255],
     "vector": float32 (B, D)}`` and returns float ``(B, out_dim)`` with
-    ``out_dim = features_dim + D``: ReLU CNN features, then ``(vector - mean) / std``.
+    ``out_dim = features_dim + D``: ReLU CNN features, then ``(vector - mean) / std``. The output
+    is float32 even under autocast (the CNN may run in bf16; the heads read fp32).
 
     ``vector_mean`` / ``vector_std`` (array-like ``(D,)``, e.g. dataset statistics) are buffers, so
-    they travel with ``state_dict``; near-zero stds become 1 so constant fields stay finite.
+    they travel with ``state_dict``; a std below :data:`MIN_VECTOR_STD` becomes 1, so a field that
+    looked constant in the statistics is centred but never amplified.
     """
 
     def __init__(self, obs_spec: ObsSpec, features_dim: int = 512, vector_mean=None, vector_std=None):
@@ -64,14 +74,14 @@ class Encoder(nn.Module):
         dim = obs_spec.vector_dim
         std = _vector_stat(vector_std, 1.0, dim, "vector_std")
         self.register_buffer("vector_mean", _vector_stat(vector_mean, 0.0, dim, "vector_mean"))
-        self.register_buffer("vector_std", torch.where(std < 1e-6, torch.ones_like(std), std))
+        self.register_buffer("vector_std", torch.where(std < MIN_VECTOR_STD, torch.ones_like(std), std))
         self.out_dim = features_dim + dim
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         image = obs["image"].float() / 255.0  # keeps channels_last if the caller chose it
         pixels = self.head(self.cnn(image))
         vector = (obs["vector"].float() - self.vector_mean) / self.vector_std
-        return torch.cat([pixels, vector.to(pixels.dtype)], dim=1)
+        return torch.cat([pixels.float(), vector], dim=1)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
