@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (network init, batches)")
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-seed", type=int, default=1000, help="first episode seed of the dataset")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more oversubscribe a shared machine)")
     parser.add_argument("--work-dir", default=None, help="keeps the dataset between runs [default: a temp dir]")
     parser.add_argument("--out", default="benchmarks/results/bc-probe-cpu")
     args = parser.parse_args()
