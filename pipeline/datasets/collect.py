@@ -106,19 +106,18 @@ def run_episode_on(config: CollectConfig, episode_seed: int, server: dict) -> Ep
 def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
     """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker.
 
-    A policy with an ``expert_action(obs, info)`` (the scripted expert) also labels every step
-    with the action it would take without its noise (DART): the label behaviour cloning learns
-    from, while ``action`` stays what was applied, which TD3's critic needs."""
+    A policy that keeps a ``last_expert_action`` (the scripted expert) also labels every step
+    with the action it would have taken without its noise (DART): the label behaviour cloning
+    learns from, while ``action`` stays what was applied, which TD3's critic needs."""
     route = config.route_for(episode_seed)
     env, policy = env_and_policy(config, route)
-    label = getattr(policy, "expert_action", None)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
     recorder = EpisodeRecorder(route=route, seed=episode_seed)
     recorder.start(obs)
     while True:
-        expert_action = label(obs, info) if label is not None else None
         action = policy.act(obs, info)
+        expert_action = getattr(policy, "last_expert_action", None)
         obs, reward, terminated, truncated, info = env.step(action)
         recorder.add(action, reward, obs, terminated, truncated, expert_action=expert_action)
         if terminated or truncated:

@@ -44,14 +44,16 @@ class ExpertPolicy:
         self.vehicle_params = vehicle_params
         self.target_speed, self.noise, self.speed_gain = target_speed, noise, speed_gain
         self.rng = np.random.default_rng(seed)
+        self.last_expert_action: np.ndarray | None = None
 
     def reset(self, seed: int | None = None) -> None:
         if seed is not None:
             self.rng = np.random.default_rng(seed)
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
-        """The expert's action plus its Gaussian ``noise``, clipped to [-1, 1]."""
-        action = self.expert_action(obs, info)
+        """The expert's action plus its Gaussian ``noise``, clipped to [-1, 1]. The noise-free
+        action stays in ``last_expert_action``: the label collect records for this step."""
+        action = self.last_expert_action = self.expert_action(obs, info)
         if self.noise > 0:
             action = np.clip(action + self.rng.normal(0.0, self.noise, size=2), -1.0, 1.0)
         return action.astype(np.float32)
