@@ -45,6 +45,12 @@ def carla_options(command):
                         help="CARLA server host [env CARLA_HOST, default localhost].")(command)
 
 
+def no_verify_option(command):
+    """``--no-verify`` for every command that reads a store's chunks (all check them by default)."""
+    return click.option("--no-verify", is_flag=True,
+                        help="Do not check each chunk read against its recorded sha256.")(command)
+
+
 def _carla_kwargs(host, port) -> dict:
     return {k: v for k, v in (("host", host), ("port", port)) if v is not None}
 
@@ -137,11 +143,12 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@no_verify_option
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
           encoder_update, bc_alpha, n_step, gamma, no_augment, replay_memory, online_capacity, device, compile_,
           checkpoint_every, eval_every, eval_episodes, log_every, vector_fields, traffic, out, resume, seed, quiet,
-          carla_host, carla_port):
+          no_verify, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
     \b
@@ -162,7 +169,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,
         augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
-        traffic=traffic, resume=resume, simulator=_carla_kwargs(carla_host, carla_port),
+        traffic=traffic, resume=resume, simulator=_carla_kwargs(carla_host, carla_port), verify=not no_verify,
     )
     summary = run_train(config, progress=not quiet)
     recent = summary["recent_return"]
@@ -209,7 +216,8 @@ def datasets():
 @datasets.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(path, as_json):
+@no_verify_option
+def info(path, as_json, no_verify):
     """Episodes, transitions, returns, routes, policy, spec, bytes and provenance of a store.
 
     \b
@@ -218,7 +226,7 @@ def info(path, as_json):
     """
     from pipeline.datasets.store import TransitionStore
 
-    summary = TransitionStore(path).summary()
+    summary = TransitionStore(path, verify=not no_verify, allow_unfinished=True).summary()
     if as_json:
         _echo_json(summary)
         return
@@ -227,11 +235,11 @@ def info(path, as_json):
     print_summary(path, summary)
 
 
-def _copy(src: str, dst: str, overwrite: bool, quiet: bool) -> None:
+def _copy(src: str, dst: str, overwrite: bool, quiet: bool, no_verify: bool) -> None:
     from pipeline.datasets.remote import copy_store
 
     try:
-        result = copy_store(src, dst, overwrite=overwrite, progress=not quiet)
+        result = copy_store(src, dst, overwrite=overwrite, progress=not quiet, verify=not no_verify)
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to resume the copy", err=True)
         sys.exit(130)
@@ -245,7 +253,8 @@ def _copy(src: str, dst: str, overwrite: bool, quiet: bool) -> None:
 @click.argument("url")
 @click.option("--overwrite", is_flag=True, help="Replace another dataset store at URL.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def push(src, url, overwrite, quiet):
+@no_verify_option
+def push(src, url, overwrite, quiet, no_verify):
     """Copy the store SRC to URL, resumably, then verify the copy.
 
     Chunks already at URL with the same size and checksum are skipped: re-run after an
@@ -255,7 +264,7 @@ def push(src, url, overwrite, quiet):
     Example:
       pipeline datasets push runs/a.zarr s3://team-bucket/datasets/a.zarr
     """
-    _copy(src, url, overwrite, quiet)
+    _copy(src, url, overwrite, quiet, no_verify)
 
 
 @datasets.command()
@@ -263,14 +272,15 @@ def push(src, url, overwrite, quiet):
 @click.argument("dst")
 @click.option("--overwrite", is_flag=True, help="Replace another dataset store at DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def pull(url, dst, overwrite, quiet):
+@no_verify_option
+def pull(url, dst, overwrite, quiet, no_verify):
     """Copy the store at URL to DST, resumably, then verify the copy.
 
     \b
     Example:
       pipeline datasets pull s3://team-bucket/datasets/a.zarr data/a.zarr
     """
-    _copy(url, dst, overwrite, quiet)
+    _copy(url, dst, overwrite, quiet, no_verify)
 
 
 @datasets.command()
@@ -304,19 +314,27 @@ def verify(path, as_json, quiet):
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="The new merged store (path or URL).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset store already at --out.")
+@click.option("--resume", is_flag=True, help="Complete an interrupted merge into --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge(sources, out, overwrite, quiet):
+@no_verify_option
+def merge(sources, out, overwrite, resume, quiet, no_verify):
     """Concatenate stores with the same specs into a new store, recording each episode's source.
 
+    An episode found in several sources (overlapping merges, a store and its copy) is written
+    once. The output is marked unfinished until the last episode is in; --resume completes it.
+
     \b
-    Example:
+    Examples:
       pipeline datasets merge runs/alice.zarr s3://team-bucket/bob.zarr -o runs/team.zarr
+      pipeline datasets merge runs/alice.zarr s3://team-bucket/bob.zarr -o runs/team.zarr --resume
     """
     from pipeline.datasets.merge import merge_stores
+    from pipeline.datasets.report import merge_lines
 
-    result = merge_stores(list(sources), out, overwrite=overwrite, progress=not quiet)
-    click.echo(f"{result['episodes']} episodes ({result['transitions']} transitions) from "
-               f"{len(result['sources'])} source(s) in {result['out']}")
+    result = merge_stores(list(sources), out, overwrite=overwrite, resume=resume, verify=not no_verify,
+                          progress=not quiet)
+    for line in merge_lines(result):
+        click.echo(line)
 
 
 @datasets.command()
@@ -324,7 +342,8 @@ def merge(sources, out, overwrite, quiet):
 @click.option("--png", default=None, help="Also plot the statistics into this PNG file.")
 @click.option("--bins", type=int, default=20, show_default=True, help="Histogram bins.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-def stats(path, png, bins, as_json):
+@no_verify_option
+def stats(path, png, bins, as_json, no_verify):
     """Out-of-core statistics: vector mean/std per field, reward and action histograms.
 
     \b
@@ -333,7 +352,7 @@ def stats(path, png, bins, as_json):
     """
     from pipeline.datasets.stats import dataset_stats
 
-    result = dataset_stats(path, bins=bins, png=png)
+    result = dataset_stats(path, bins=bins, png=png, verify=not no_verify)
     if as_json:
         _echo_json(result)
         return

@@ -281,10 +281,12 @@ def test_merge_reads_back_every_episode_bit_exactly_with_provenance(tmp_path):
     card = CliRunner().invoke(cli, ["datasets", "info", out], terminal_width=200).output
     assert "alice@box1" in card and "bob@box2" in card and "provenance" in card
 
-    # merging a merged store keeps the original sources instead of nesting them
+    # merging a merged store keeps the original sources instead of nesting them, and alice's
+    # episodes, already in it, are written once
     again = merge_stores([out, a], str(tmp_path / "again.zarr"))
     assert [s["url"] for s in again["sources"]] == [a, b]
-    assert TransitionStore(str(tmp_path / "again.zarr")).episodes["source"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert again["duplicates"] == [{"store": a, "episodes": 3, "of": out}]
+    assert TransitionStore(str(tmp_path / "again.zarr")).episodes["source"].tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_merge_of_incompatible_specs_is_refused_naming_the_fields(tmp_path):

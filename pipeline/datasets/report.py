@@ -27,29 +27,35 @@ def print_summary(path: str, summary: dict, console: Console | None = None) -> N
     table = Table(title=path, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    nan = float("nan")
     rows = [
         ("episodes", f"{summary['episodes']}"),
         ("transitions", f"{summary['transitions']}"),
         ("frames", f"{summary.get('frames', '')}"),
-        ("return mean / min / max", f"{summary.get('return_mean', nan):.2f} / {summary.get('return_min', nan):.2f}"
-                                    f" / {summary.get('return_max', nan):.2f}"),
-        ("mean length", f"{summary.get('length_mean', nan):.1f} steps"),
+        ("return mean / min / max", " / ".join(_number(summary.get(k), ".2f")
+                                               for k in ("return_mean", "return_min", "return_max"))),
+        ("mean length", f"{_number(summary.get('length_mean'), '.1f')} steps"),
         ("endings", ", ".join(f"{k or 'none'}: {v}" for k, v in summary.get("terminations", {}).items())),
         ("routes", ", ".join(f"{name} ({count} episodes)" for name, count in summary.get("routes", {}).items())),
         ("policy", _policy(summary.get("meta") or {}) or ("see provenance" if summary.get("sources") else "unknown")),
         ("obs spec", _describe_spec(summary["obs_spec"])),
         ("bytes stored", _fmt_bytes(summary.get("bytes_stored", 0))),
-        ("bytes per transition", f"{summary.get('bytes_per_transition', 0):.0f}"),
+        ("bytes per transition", _number(summary.get("bytes_per_transition"), ".0f")),
         ("created", str(summary.get("created", ""))),
         ("software version", str(summary.get("software_version", ""))),
     ]
     rows += _card_rows(summary)
+    if summary.get("unfinished"):  # first, in red: this store is not whole
+        rows.insert(0, ("[red]unfinished merge[/red]", summary["unfinished"]))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
     if summary.get("sources"):
         console.print(_sources_table(summary))
+
+
+def _number(value, spec: str) -> str:
+    """``value`` formatted, or "-" where there is none (a store with no committed episode)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _who(meta: dict) -> str:
@@ -142,3 +148,14 @@ def _sparkline(counts: list[int]) -> str:
     blocks = " ▁▂▃▄▅▆▇█"
     top = max(counts) or 1
     return "".join(blocks[round(c / top * (len(blocks) - 1))] for c in counts)
+
+
+def merge_lines(result: dict) -> list[str]:
+    """What a :func:`~pipeline.datasets.merge.merge_stores` result says: the merged store, and
+    one line per source that repeated episodes of another (written once)."""
+    lines = [f"{d['store']} repeats {d['episodes']} episode(s) already taken from {d['of']}: "
+             "written once (deduplicated)"
+             for d in result["duplicates"]]
+    resumed = f", resumed after {result['resumed']}" if result.get("resumed") is not None else ""
+    return lines + [f"{result['episodes']} episodes ({result['transitions']} transitions) from "
+                    f"{len(result['sources'])} source(s) in {result['out']}{resumed}"]

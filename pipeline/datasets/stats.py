@@ -33,7 +33,7 @@ def _describe(values: np.ndarray) -> dict | None:
 
 
 def dataset_stats(url: str, *, bins: int = 20, png: str | None = None, storage_options: dict | None = None,
-                  cache: str | None = None) -> dict:
+                  cache: str | None = None, verify: bool = True) -> dict:
     """Statistics of the committed data of the store at ``url`` (a JSON-able dict).
 
     - ``vector``: per field (``fields``) ``mean``, ``std`` (float64 accumulation) and ``nonfinite``
@@ -43,14 +43,15 @@ def dataset_stats(url: str, *, bins: int = 20, png: str | None = None, storage_o
       (``outside`` counts values beyond it);
     - ``terminated``/``truncated`` counts, episode ``return`` and ``length`` summaries.
 
-    With ``png`` a figure of the three is written there.
+    With ``png`` a figure of the three is written there. ``verify``: check every chunk read
+    against its recorded checksum (a damaged chunk stops the statistics with a StoreError).
     """
     import dask
     import dask.array as da
 
     if bins < 1:
         raise PipelineError(f"--bins must be positive, got {bins}")
-    store = TransitionStore(url, storage_options, cache)
+    store = TransitionStore(url, storage_options, cache, verify=verify)
     n, o = store.num_transitions, store.num_observations
     vector = _lazy(store.vector, o).astype(np.float64)
     action = _lazy(store.action, n).astype(np.float64)

@@ -97,7 +97,7 @@ _DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "
 #: The only attrs keys a store may hold: anything else is refused as not data we know.
 ATTRS_KEYS = frozenset({
     "format", "format_version", "id", "obs_spec", "action_spec", "routes", "meta", "software_version",
-    "created", "committed_episodes", "appends", "checksums", "sources",
+    "created", "committed_episodes", "appends", "checksums", "sources", "unfinished",
 })
 # Plain zarr v3 codecs; a store naming any other codec (e.g. numcodecs' pickle) is refused.
 _SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
@@ -215,6 +215,54 @@ class _ChecksumStore(WrapperStore):
             self.checksums[key] = checksum(value.as_numpy_array())
 
 
+class _VerifyingStore(WrapperStore):
+    """Checks every chunk object read through it against its recorded checksum, before zarr
+    decodes it, so a reader never computes on damaged or missing data.
+
+    Left unarmed (``checksums`` None) while the group's metadata is opened; :meth:`arm` gives it
+    the recorded checksums. A chunk that is gone, has no checksum, or whose bytes differ raises a
+    one-line :class:`StoreError` naming the array, the chunk and the store. ``tolerated`` are the
+    chunks holding a committed end *and* rows past it: a writer that is open or died mid-append
+    rewrites them after their checksum (see the module doc), so a mismatch there is not damage.
+    """
+
+    def __init__(self, store, url: str, state: dict | None = None):
+        super().__init__(store)
+        self.url = url
+        # shared with the copies zarr makes of the store (read-only views, ...)
+        self.state = {"checksums": None, "tolerated": frozenset()} if state is None else state
+
+    def _with_store(self, store) -> "_VerifyingStore":
+        return type(self)(store, self.url, self.state)
+
+    def arm(self, checksums: dict[str, str], tolerated=frozenset()) -> None:
+        self.state.update(checksums=checksums, tolerated=frozenset(tolerated))
+
+    def tolerate(self, keys) -> None:
+        self.state["tolerated"] = self.state["tolerated"] | frozenset(keys)
+
+    def _fail(self, key: str, what: str) -> StoreError:
+        array, _, index = key.partition("/c/")
+        return StoreError(f"{self.url}: chunk {index.split('/')[0]} of array {array} ({key}) {what}; "
+                          f"see `pipeline datasets verify {self.url}`, or pass --no-verify to read it anyway")
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        checksums = self.state["checksums"]
+        if checksums is None or byte_range is not None or not is_chunk_key(key):
+            return value
+        digest = checksums.get(key)
+        if value is None:
+            raise self._fail(key, "is missing")
+        if digest is None:
+            raise self._fail(key, "has no recorded checksum")
+        if key not in self.state["tolerated"]:
+            # hashlib releases the GIL: hashing in a thread overlaps the other chunks' decoding.
+            if await asyncio.to_thread(checksum, value.as_numpy_array()) != digest:
+                raise self._fail(key, "does not match its recorded sha256 (corrupt)")
+        return value
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 
@@ -250,7 +298,7 @@ def check_data_only(url: str, group: zarr.Group) -> None:
                          "a dataset store holds only its known attributes")
     try:
         members = list(group.members(max_depth=None))
-    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{url} has an array zarr cannot open: {_reason(e)}") from None
     for name, member in members:
         if dict(member.attrs):
@@ -283,6 +331,8 @@ def _open_group(url: str, storage_options: dict | None, read_only: bool, store=N
         group = zarr.open_group(
             store or _zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
         )
+    except (TypeError, AttributeError):  # JSON, but not a metadata document (say [1, 2, 3])
+        raise StoreError(f"{url} is not a readable zarr group: its zarr.json is not zarr metadata") from None
     except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{url} is not a readable zarr group: {_reason(e)}") from None
     _check_format(url, dict(group.attrs))
@@ -314,21 +364,89 @@ def _read_table(group: zarr.Group, n: int) -> dict[str, np.ndarray]:
     return table
 
 
-def _committed(url: str, group: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The committed rows of the episodes table, and the rows of each data array they occupy."""
-    n = int(group.attrs.get("committed_episodes", 0))
+def table_problems(table: dict[str, np.ndarray], attrs: dict, k: int) -> list[tuple[str, str]]:
+    """``(column, message)`` for each way the episodes ``table`` fails to tile the data arrays
+    (offsets must follow from the lengths) or indexes an unknown route, termination or source."""
+    found = []
+    length = table["length"].astype(np.int64)
+    if len(length) and length.min() < 0:
+        found.append(("episodes/length", "negative episode length"))
+    for column, per_episode in (("frame_offset", k + length), ("obs_offset", length + 1),
+                                ("step_offset", length)):
+        expected = np.concatenate([[0], np.cumsum(per_episode)[:-1]]).astype(np.int64)[: len(length)]
+        bad = np.flatnonzero(table[column] != expected)
+        if len(bad):
+            i = bad[0]
+            found.append((f"episodes/{column}", f"episode {i} starts at {table[column][i]}, expected {expected[i]}"))
+    for column, count, low in (("route", len(attrs.get("routes", [])), 0),
+                               ("termination", len(TERMINATION_NAMES), 0),
+                               ("source", len(attrs.get("sources", [])), -1)):
+        bad = np.flatnonzero((table[column] < low) | (table[column] >= count))
+        if len(bad):
+            i = bad[0]
+            found.append((f"episodes/{column}",
+                          f"episode {i} has {column} index {table[column][i]}, outside the {count} known"))
+    return found
+
+
+def _tail_chunks(group: zarr.Group, ends: dict[str, int]) -> set[str]:
+    """Keys of the chunks holding both the committed end of an array and rows past it."""
+    keys = set()
+    for name, end in ends.items():
+        array = group.get(name)
+        if isinstance(array, zarr.Array) and array.shape[0] > end and end % array.chunks[0]:
+            keys.add(chunk_key(array, end // array.chunks[0]))
+    return keys
+
+
+def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The committed rows of the episodes table, and the rows of each data array they occupy.
+
+    Refuses (:class:`StoreError`) a table that is short, unreadable or does not agree with the
+    data arrays, so no reader computes on a damaged table. ``verifier`` (the group's
+    :class:`_VerifyingStore`) is told which tail chunks may differ from their checksums.
+    """
+    n = group.attrs.get("committed_episodes", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise StoreError(f"{url} is corrupt: committed_episodes is {n!r}, not a count")
+    k = int(group.attrs["obs_spec"]["frame_stack"])
     try:
+        columns = {f"episodes/{name}": n for name in _EPISODE_COLUMNS}
+        if verifier is not None:
+            verifier.tolerate(_tail_chunks(group, columns))
         table = _read_table(group, n)
-        lengths = {name: group[name].shape[0] for name in _DATA_ARRAYS}
     except KeyError as e:
         raise StoreError(f"{url} is corrupt: missing array {e}") from None
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged chunk read unverified may fail in any codec
+        raise StoreError(f"{url}: cannot read the episodes table ({_reason(e)})") from None
     if any(len(column) < n for column in table.values()):
         raise StoreError(f"{url} is corrupt: the episodes table has fewer than {n} committed rows")
-    ends = committed_ends(table, int(group.attrs["obs_spec"]["frame_stack"]))
-    short = [name for name in _DATA_ARRAYS if lengths[name] < ends[name]]
-    if short:
-        raise StoreError(f"{url} is corrupt: {short[0]} is shorter than its committed episodes")
+    problems = table_problems(table, dict(group.attrs), k)
+    if problems:
+        where, message = problems[0]
+        raise StoreError(f"{url} is corrupt: {where}: {message} (the episodes table does not agree "
+                         f"with the arrays; see `pipeline datasets verify {url}`)")
+    ends = committed_ends(table, k)
+    for name, end in ends.items():
+        array = group.get(name)
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"{url} is corrupt: missing array {name}")
+        if array.shape[0] < end:
+            raise StoreError(f"{url} is corrupt: {name} has {array.shape[0]} rows, its committed "
+                             f"episodes need {end}")
+    if verifier is not None:
+        verifier.tolerate(_tail_chunks(group, ends))
     return table, ends
+
+
+def unfinished_line(marker: dict) -> str:
+    """What an interrupted merge's marker says, and the command that completes it."""
+    sources = " ".join(marker.get("sources", []))
+    return (f"stopped before its {marker.get('episodes')} episodes were all written; complete it with "
+            f"`pipeline datasets merge {sources} -o {marker.get('out')} --resume` or replace it with --overwrite")
 
 
 class TransitionStore:
@@ -339,28 +457,52 @@ class TransitionStore:
     (an append in progress, or a crashed one): index them through the episode offsets.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None, cache: str | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, cache: str | None = None,
+                 verify: bool = True, allow_unfinished: bool = False):
         """``url``: a path or any fsspec URL (``s3://bucket/a.zarr``; chained ones such as
         ``simplecache::s3://...`` too). ``cache``: a local folder keeping a copy of every chunk
         read, keyed by its checksum, so a second run reads a remote store from disk and a chunk
-        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``)."""
+        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``).
+
+        ``verify``: check every chunk read (the episodes table, and whatever is read from the
+        arrays later) against its recorded sha256 as it is fetched; a missing or damaged chunk
+        raises :class:`StoreError` instead of reading as zeros or garbage. ``allow_unfinished``:
+        open a store an interrupted ``datasets merge`` left (refused by default: it is not whole).
+        """
         self.url = str(url)
         store = None
         if cache is not None:
             from pipeline.datasets.remote import ChunkCacheStore
 
             store = ChunkCacheStore(_zarr_store(self.url, storage_options, True), cache)
+        verifier = None
+        if verify:
+            store = verifier = _VerifyingStore(store or _zarr_store(self.url, storage_options, True), self.url)
         self.group = _open_group(self.url, storage_options, read_only=True, store=store)
         self.attrs: dict = dict(self.group.attrs)
-        if store is not None:
-            store.checksums = dict((self.attrs.get("checksums") or {}).get("chunks", {}))
+        recorded = self.attrs.get("checksums") or {}
+        chunks = recorded.get("chunks") if recorded.get("algorithm") == CHECKSUM_ALGORITHM else None
+        if verify and not isinstance(chunks, dict):
+            raise StoreError(f"{self.url} records no {CHECKSUM_ALGORITHM} chunk checksums; "
+                             "pass --no-verify to read it unverified")
+        if cache is not None:
+            (store._store if verify else store).checksums = dict(chunks or {})
+        if verifier is not None:
+            verifier.arm(dict(chunks))
+        #: An interrupted ``datasets merge``: what it was doing (None for a whole store).
+        self.unfinished: dict | None = self.attrs.get("unfinished")
+        if self.unfinished and not allow_unfinished:
+            raise StoreError(f"{self.url} is an unfinished merge ({unfinished_line(self.unfinished)})")
         self.meta: dict = dict(self.attrs.get("meta") or {})
         self.routes: list[str] = list(self.attrs.get("routes", []))
         #: Merged stores: where each source came from (``episodes["source"]`` indexes this).
         self.sources: list[dict] = list(self.attrs.get("sources", []))
-        self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
-        self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
-        self.episodes, ends = _committed(self.url, self.group)
+        try:
+            self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
+            self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"{self.url} has an invalid observation/action spec ({_reason(e)})") from None
+        self.episodes, ends = _committed(self.url, self.group, verifier)
         self.frames: zarr.Array = self.group["frames"]
         self.vector: zarr.Array = self.group["vector"]
         self.action: zarr.Array = self.group["action"]
@@ -484,6 +626,7 @@ class TransitionStore:
                 for j, source in enumerate(self.sources)
             ],
             "recorded_here": int(np.sum(self.episodes["source"] < 0)),
+            "unfinished": unfinished_line(self.unfinished) if self.unfinished else None,
         }
 
 
@@ -547,6 +690,17 @@ class _Column:
         return chunk_key(self.array, self.end // self.chunk)
 
 
+def remove_store(url: str, storage_options: dict | None = None) -> None:
+    """Delete the zarr store at ``url`` (nothing happens where there is none)."""
+    fs, path = _fs_path(url, storage_options)
+    if not _has_zarr_metadata(fs, path):
+        return
+    try:
+        fs.rm(path, recursive=True)
+    except OSError as e:
+        raise StoreError(f"cannot delete {url}: {_reason(e)}") from None
+
+
 def _gather(*coroutines) -> None:
     """Run zarr writes concurrently on zarr's event loop: encoding and I/O of arrays overlap."""
 
@@ -589,6 +743,7 @@ class EpisodeWriter:
         mode: str = "create",
         storage_options: dict | None = None,
         sources: list[dict] | None = None,
+        unfinished: dict | None = None,
     ):
         if mode not in ("create", "append", "overwrite"):
             raise ValueError(f"mode must be 'create', 'append' or 'overwrite', not {mode!r}")
@@ -608,6 +763,7 @@ class EpisodeWriter:
             raise ValueError("sources can only be given to a new store")
         # Every chunk written or deleted goes through this store, which keeps the checksums.
         self._store = _ChecksumStore(_zarr_store(self.url, storage_options, False))
+        self._unfinished = _json_meta(unfinished) if unfinished else None
         try:
             if mode == "append" and exists:
                 self.group = self._open_for_append(meta)
@@ -625,10 +781,7 @@ class EpisodeWriter:
         # Only ever delete a zarr store: a mistyped --out must not wipe an unrelated directory.
         if not _has_zarr_metadata(fs, path):
             raise StoreError(f"refusing to overwrite {self.url}: it exists and is not a zarr store")
-        try:
-            fs.rm(path, recursive=True)
-        except OSError as e:
-            raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
+        remove_store(self.url, self.storage_options)
 
     def _create(self, meta: dict, sources: list[dict]) -> zarr.Group:
         group = zarr.open_group(self._store, mode="w-")
@@ -669,6 +822,9 @@ class EpisodeWriter:
                 "appends": [],
                 "checksums": self._checksums_attr(),
                 "sources": sources,
+                # A store filled from others (merge) is marked unfinished in the same document
+                # that makes it a dataset, until finish() clears the mark.
+                **({"unfinished": self._unfinished} if self._unfinished else {}),
             }
         )
         self._columns = {name: _Column(group[name], 0) for name in _DATA_ARRAYS}
@@ -679,6 +835,8 @@ class EpisodeWriter:
     def _open_for_append(self, meta: dict) -> zarr.Group:
         group = _open_group(self.url, self.storage_options, read_only=False, store=self._store)
         attrs = dict(group.attrs)
+        if attrs.get("unfinished") and attrs["unfinished"] != self._unfinished:
+            raise StoreError(f"{self.url} is an unfinished merge ({unfinished_line(attrs['unfinished'])})")
         self._store.checksums.update((attrs.get("checksums") or {}).get("chunks", {}))
         stored = ObsSpec.from_dict(attrs["obs_spec"])
         self.obs_spec.check_compatible(stored, f"dataset store {self.url}")
@@ -832,6 +990,14 @@ class EpisodeWriter:
 
     def _trim(self) -> None:
         _gather(*(column.trim() for column in (*self._columns.values(), *self._table.values())))
+
+    def finish(self) -> None:
+        """Clear the store's unfinished mark (given at creation): all its episodes are written."""
+        if "unfinished" in self.group.attrs:
+            try:
+                del self.group.attrs["unfinished"]
+            except OSError as e:
+                raise StoreError(f"cannot finish {self.url}: {_reason(e)}") from None
 
     def close(self) -> None:
         """Cut the arrays to their committed lengths and refuse further appends.

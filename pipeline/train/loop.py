@@ -62,6 +62,7 @@ class TrainConfig:
     traffic: int | None = None
     resume: bool = False
     simulator: dict = field(default_factory=dict)  # backend options (CARLA host/port)
+    verify: bool = True  # check each dataset chunk read against its recorded checksum
 
 
 class RolloutWorker:
@@ -154,7 +155,7 @@ def _open_dataset(config: TrainConfig):
 
     if config.data is None:
         return None
-    return TransitionStore(config.data, cache=config.data_cache)
+    return TransitionStore(config.data, cache=config.data_cache, verify=config.verify)
 
 
 def _route_for(config: TrainConfig, store) -> str:
