@@ -378,10 +378,11 @@ def stats(path, png, bins, as_json, no_verify):
 @click.option("--out", default=None,
               help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
+@click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @carla_options
-def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, out, video, quiet,
-          carla_host, carla_port):
+def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, out, video, overwrite,
+          quiet, carla_host, carla_port):
     """Drive policies deterministically on fixed routes and seeds; report driving metrics.
 
     Per episode and in summary: route completion, collisions, off-route events, infractions per km,
@@ -408,7 +409,7 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
     config = EvalConfig(
         out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
         episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
-        video=video, simulator=_carla_kwargs(carla_host, carla_port),
+        video=video, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
     )
     report = evaluate(config, progress=not quiet)
     if not quiet:
@@ -434,6 +435,10 @@ def main():
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a mistyped option or value: one line, and where to look
+        command = exc.ctx.command_path if exc.ctx else "pipeline"
+        click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

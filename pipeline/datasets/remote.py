@@ -362,6 +362,8 @@ def _check_destination(dst: str, fs, root: str, listing: dict[str, int], source_
     dataset (the copy resumes), or another zarr store with ``overwrite`` (deleted first).
     Returns the listing to resume from."""
     if not listing:
+        if fs.isfile(root):
+            raise StoreError(f"{display_url(dst)} is a file; give a folder or URL for the copy")
         return listing
     attrs = _root_attrs(fs, root)
     if attrs is None:

@@ -102,6 +102,10 @@ def write_png(stats: dict, path: str) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if path.is_dir():  # a folder: the plot goes into it, and the message names the file
+        path = path / "stats.png"
+    elif not path.suffix:  # matplotlib would add ".png" itself, and the message would miss it
+        path = path.with_suffix(".png")
     fig, (ax_v, ax_r, ax_a) = plt.subplots(3, 1, figsize=(10, 10), constrained_layout=True)
     v = stats["vector"]
     x = np.arange(len(v["fields"]))

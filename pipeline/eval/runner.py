@@ -51,6 +51,7 @@ class EvalConfig:
     scheduler: str | None = None  # address of an existing dask scheduler
     video: bool = False  # record the first episode of each policy
     simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
+    overwrite: bool = False  # replace a report already in ``out``
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
     if (config.workers > 1 or config.scheduler) and any(r.backend == "carla" for r in routes):
         raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler")
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
+    if (Path(config.out) / "report.json").exists() and not config.overwrite:
+        raise PipelineError(f"{config.out} already holds an evaluation report; pass --overwrite to "
+                            "replace it, or choose another --out")
 
     tasks = []
     for p in policies:
