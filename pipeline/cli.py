@@ -196,9 +196,9 @@ def routes(backend):
       pipeline routes --backend embedded
     """
     from pipeline.envs import list_routes
+    from pipeline.terminal import print_routes
 
-    for r in list_routes(backend):
-        click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+    print_routes(list_routes(backend))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -301,10 +301,14 @@ class _progress_bar:
     def __enter__(self):
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.table import Column
 
+            # The bar takes the room the figures leave (ratio=1): at 80 columns it shrinks and
+            # the counts, rate and return stay whole.
             self._progress = Progress(
-                TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
-                TextColumn("{task.fields[sps]:7.0f} steps/s  mean return {task.fields[ret]:7.2f}"),
+                TextColumn("[bold]collect"), BarColumn(bar_width=None, table_column=Column(ratio=1)),
+                MofNCompleteColumn(), TextColumn("episodes"),
+                TextColumn("{task.fields[sps]:5.0f} steps/s  return {task.fields[ret]:6.2f}"),
                 TimeRemainingColumn(), transient=False,
             )
             self._progress.start()

@@ -280,9 +280,13 @@ class _Progress:
         if enabled and console.is_terminal:
             from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
                                        TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+            from rich.table import Column
 
             counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), *counts,
+            # A long URL is cut and the bar shrinks (ratio=1) before any figure does at 80 columns.
+            described = TextColumn("{task.description}", table_column=Column(max_width=32, overflow="ellipsis",
+                                                                              no_wrap=True))
+            self.bar = Progress(described, BarColumn(bar_width=None, table_column=Column(ratio=1)), *counts,
                                 TimeRemainingColumn(), console=console, transient=True)
             self.task = self.bar.add_task(description, total=total)
 

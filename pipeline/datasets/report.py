@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.terminal import print_fitted
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -131,15 +133,18 @@ def print_stats(stats: dict, console: Console | None = None) -> None:
     for name, mean, std, bad in zip(v["fields"], v["mean"], v["std"], v["nonfinite"]):
         fields.add_row(name, f"{mean:.4g}", f"{std:.4g}", str(bad))
     console.print(fields)
+    # one row per quantity, in as many tables as fit: at 80 columns no value is wrapped or cut
     r, a = stats["reward"], stats["action"]
-    console.print(f"reward: mean {r['mean']:.4g}, std {r['std']:.4g}, min {r['min']:.4g}, max {r['max']:.4g}")
-    console.print(f"reward histogram: {_sparkline(r['hist']['counts'])}  [{r['min']:.3g}, {r['max']:.3g}]")
-    for j, name in enumerate(a["fields"]):
-        console.print(f"action {name}: mean {a['mean'][j]:.3g}, std {a['std'][j]:.3g}, "
-                      f"{_sparkline(a['hist'][j]['counts'])}  [-1, 1], {a['outside'][j]} outside")
-    for key in ("return", "length"):
-        d = stats[key]
-        console.print(f"episode {key}: mean {d['mean']:.4g}, std {d['std']:.4g}, min {d['min']:.4g}, max {d['max']:.4g}")
+    rows = [["reward", *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max")),
+             _sparkline(r["hist"]["counts"]), f"[{r['min']:.3g}, {r['max']:.3g}]"]]
+    rows += [[f"action {name}", f"{a['mean'][j]:.3g}", f"{a['std'][j]:.3g}", "", "",
+              _sparkline(a["hist"][j]["counts"]), f"[-1, 1], {a['outside'][j]} outside"]
+             for j, name in enumerate(a["fields"])]
+    rows += [[f"episode {key}", *(f"{stats[key][k]:.4g}" for k in ("mean", "std", "min", "max")), "", ""]
+             for key in ("return", "length")]
+    columns = [("", "left"), *((name, "right") for name in ("mean", "std", "min", "max")),
+               ("histogram", "left"), ("histogram range", "left")]
+    print_fitted(console, "values", columns, rows)
     if stats.get("png"):
         console.print(f"plot: {stats['png']}")
 
