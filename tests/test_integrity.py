@@ -182,3 +182,16 @@ def test_an_interrupted_merge_is_refused_by_readers_and_resume_completes_it(tmp_
     assert verify_store(out).ok
     with pytest.raises(StoreError, match="nothing to resume"):
         merge_stores([a, b], out, resume=True)
+
+
+def test_resuming_a_merge_killed_after_its_last_commit_is_done_already(tmp_path):
+    a = store_of(tmp_path, "a.zarr", [episode(0, 20)])
+    b = store_of(tmp_path, "b.zarr", [episode(1, 9)])
+    out = str(tmp_path / "m.zarr")
+    merge_stores([a, b], out)
+    checksums = TransitionStore(out).attrs["checksums"]
+    again = merge_stores([a, b], out, resume=True)
+    assert again["episodes"] == 2 and again["resumed"] == 2
+    assert TransitionStore(out).attrs["checksums"] == checksums  # nothing rewritten
+    with pytest.raises(StoreError, match="nothing to resume"):
+        merge_stores([b, a], out, resume=True)

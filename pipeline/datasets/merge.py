@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.datasets.remote import _Progress, display_url, store_location
-from pipeline.datasets.store import EpisodeWriter, TransitionStore, _exists, _fs_path, remove_store
+from pipeline.datasets.store import (EpisodeWriter, TransitionStore, _exists, _fs_path, interrupted_creation,
+                                     remove_store)
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
 
 
@@ -133,10 +134,10 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
         raise StoreError(f"{display_url(twice)} is given twice; merging a store with itself would "
                          "repeat every episode")
     exists = _exists(*_fs_path(out, None))
+    if resume and exists and interrupted_creation(out):  # killed before the store was made
+        exists, overwrite = False, True
     marker = {"operation": "merge", "out": display_url(out), "sources": [display_url(u) for u in sources]}
     previous = TransitionStore(out, verify=verify, allow_unfinished=True) if resume and exists else None
-    if previous is not None and not previous.unfinished:
-        raise StoreError(f"nothing to resume: {display_url(out)} is a finished store")
     if exists and not (overwrite or resume):
         raise StoreError(f"{display_url(out)} already exists; pass --overwrite to replace it"
                          + (" or --resume to complete it" if _is_unfinished(out) else ""))
@@ -148,7 +149,7 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
                                     f"{display_url(stores[0].url)}: {'; '.join(diffs)}")
     counts = [store.num_episodes for store in stores]
     marker["ids"] = [store.attrs.get("id") for store in stores]
-    if previous is not None:
+    if previous is not None and previous.unfinished:
         counts = _resumable_counts(previous.unfinished, marker, stores)
     marker["counts"] = counts
     provenance, indices = _provenance(stores)
@@ -156,6 +157,13 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
     provenance, renumber = _used_sources(provenance, plan)
     marker["episodes"] = len(plan)
     done = previous.num_episodes if previous is not None else 0
+    if previous is not None and not previous.unfinished:
+        # killed after its last commit, or run twice: done if it holds what these sources give
+        if done != len(plan) or [s.get("id") for s in previous.sources] != [s.get("id") for s in provenance]:
+            raise StoreError(f"nothing to resume: {display_url(out)} is a finished store of {done} episodes, "
+                             f"not the merge of these sources ({len(plan)}); choose another -o or --overwrite")
+        return {"out": display_url(out), "episodes": done, "transitions": previous.num_transitions,
+                "sources": provenance, "duplicates": duplicates, "resumed": done}
     writer = EpisodeWriter(out, stores[0].obs_spec, stores[0].action_spec, meta=_common_meta(stores),
                            mode="append" if previous is not None else "overwrite" if overwrite else "create",
                            sources=None if previous is not None else provenance, unfinished=marker)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import posixpath
 import re
 import uuid
 from datetime import datetime, timezone
@@ -702,6 +703,20 @@ class _Column:
         return chunk_key(self.array, self.end // self.chunk)
 
 
+def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
+    """True for what a writer killed while creating a store leaves: a zarr group holding only the
+    layout's arrays and no attributes yet (they are written last), so no episode at all."""
+    fs, path = _fs_path(url, storage_options)
+    try:
+        root = json.loads(fs.cat_file(path.rstrip("/") + "/zarr.json"))
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except (OSError, ValueError):
+        return False
+    layout = {"zarr.json", "episodes", *_DATA_ARRAYS}
+    return isinstance(root, dict) and root.get("node_type") == "group" and not root.get("attributes") \
+        and names <= layout
+
+
 def remove_store(url: str, storage_options: dict | None = None) -> None:
     """Delete the zarr store at ``url`` (nothing happens where there is none)."""
     fs, path = _fs_path(url, storage_options)
@@ -769,8 +784,11 @@ class EpisodeWriter:
                 f"{self.url} already exists; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
-        if mode == "overwrite" and exists:
+        # (a creation cut short holds no episode: appending to it starts it again)
+        cut_short = mode == "append" and exists and interrupted_creation(self.url, storage_options)
+        if exists and (mode == "overwrite" or cut_short):
             self._delete(fs, path)
+            exists = False
         if sources is not None and mode == "append" and exists:
             raise ValueError("sources can only be given to a new store")
         # Every chunk written or deleted goes through this store, which keeps the checksums.
