@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(TRIALS), help="Comma-separated commands.")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Killed children cannot release their semaphores; the tracker's warning about them at exit
+    # would otherwise print after the last line.
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning"
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.cli", "pipeline.train.loop", "pipeline.train.td3", "pipeline.datasets.collect",
                                 "pipeline.datasets.merge", "pipeline.datasets.remote", "pipeline.datasets.replay",
