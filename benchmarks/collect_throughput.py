@@ -7,8 +7,13 @@ transition against the uint8 bytes an SB3 dict replay buffer keeps per transitio
 
     python benchmarks/collect_throughput.py [--episodes 20] [--route racetrack]
 
+Also, in the same process, the raw env's steps/s with today's car-mounted camera against the
+world-aligned top-down camera it replaced (``WorldAlignedCamera`` below, kept here only as that
+baseline: the track drawn once by highway-env, a window blitted per frame).
+
 Last line: collect_vs_raw=<ratio> bytes_per_transition=<n> sb3_layout_ratio=<ratio>
-(targets: collect_vs_raw >= 0.95; uint8 bytes per transition <= 1/8 of SB3's before compression).
+raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.95; uint8 bytes per transition <= 1/8 of
+SB3's before compression; raw_vs_old_camera >= 0.8).
 """
 
 from __future__ import annotations
@@ -21,11 +26,52 @@ from pathlib import Path
 SB3_UINT8_BYTES_PER_TRANSITION = 2 * 4 * 84 * 84
 
 
-def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int) -> tuple[float, int]:
+class WorldAlignedCamera:
+    """The embedded camera before the car-mounted view (pipeline 0.1.0 up to format 1): a
+    world-aligned top-down window centred on the ego, 1.6 px/m, drawn by highway-env's graphics."""
+
+    def __init__(self, road, size: int = 84, pixels_per_m: float = 1.6):
+        import numpy as np
+        import pygame
+        from highway_env.road.graphics import RoadGraphics, WorldSurface
+
+        corners = np.asarray([lane.position(s, lat) for frm in road.network.graph.values()
+                              for lanes in frm.values() for lane in lanes
+                              for s in np.linspace(0.0, lane.length, 64) for lat in (-5.0, 5.0)])
+        lo, hi = corners.min(0) - size / pixels_per_m, corners.max(0) + size / pixels_per_m
+        width, height = (int(v) for v in np.ceil((hi - lo) * pixels_per_m) + 1)
+        self.track = WorldSurface((width, height), 0, pygame.Surface((width, height)))
+        self.track.scaling, self.track.origin = pixels_per_m, lo
+        RoadGraphics.display(road, self.track)
+        self.view = WorldSurface((size, size), 0, pygame.Surface((size, size)))
+        self.view.scaling = pixels_per_m
+        self.road = road
+
+    def render(self, ego, vehicles):
+        import numpy as np
+        import pygame
+        from highway_env.vehicle.graphics import VehicleGraphics
+
+        view = self.view
+        view.move_display_window_to(ego.position)
+        view.fill(view.GREY)
+        dx, dy = self.track.pos2pix(*view.origin)
+        view.blit(self.track, (-dx, -dy))
+        for vehicle in vehicles:
+            VehicleGraphics.display(vehicle, view, offscreen=True)
+        gray = np.tensordot(pygame.surfarray.array3d(view), [0.2989, 0.5870, 0.1140], axes=([2], [0]))
+        return np.ascontiguousarray(gray.clip(0, 255).astype(np.uint8).T)
+
+
+def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int,
+                    old_camera: bool = False) -> tuple[float, int]:
     from pipeline.envs import make_env
     from pipeline.policies import make_policy
 
     env = make_env(route, max_steps=max_steps)
+    if old_camera:  # build the env's camera at reset as usual, then swap in the baseline
+        env.reset(seed=0)
+        env.unwrapped._camera = WorldAlignedCamera(env.unwrapped._sim.road)
     policy = make_policy(policy_name, env)
     steps, started = 0, time.perf_counter()
     for seed in range(episodes):
@@ -51,9 +97,10 @@ def main() -> None:
     from pipeline.datasets.collect import CollectConfig, collect
     from pipeline.datasets.store import TransitionStore
 
-    raw_best, collect_best = 0.0, 0.0
+    raw_best, collect_best, old_camera_best = 0.0, 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
+            old, _ = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps, old_camera=True)
             raw, steps = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps)
             out = str(Path(tmp) / f"bench{repeat}.zarr")
             config = CollectConfig(out=out, episodes=args.episodes, route=args.route, policy=args.policy,
@@ -62,8 +109,9 @@ def main() -> None:
             summary = collect(config, progress=False)
             recorded = summary["steps"] / (time.perf_counter() - started)
             assert summary["steps"] == steps, "collect and the raw loop must drive the same episodes"
-            print(f"repeat {repeat}: raw {raw:8.1f} steps/s   collect {recorded:8.1f} steps/s   ({steps} steps)")
-            raw_best, collect_best = max(raw_best, raw), max(collect_best, recorded)
+            print(f"repeat {repeat}: raw {raw:8.1f} steps/s   collect {recorded:8.1f} steps/s   "
+                  f"raw with the old camera {old:8.1f} steps/s   ({steps} steps)")
+            raw_best, collect_best, old_camera_best = max(raw_best, raw), max(collect_best, recorded), max(old_camera_best, old)
         store = TransitionStore(out)
         n = store.num_transitions
         uint8_per_transition = store.num_frames * 84 * 84 / n
@@ -72,7 +120,8 @@ def main() -> None:
           f"({uint8_per_transition / SB3_UINT8_BYTES_PER_TRANSITION:.3f} of SB3's {SB3_UINT8_BYTES_PER_TRANSITION})")
     print(f"stored bytes per transition after compression (all arrays): {stored_per_transition:.0f}")
     print(f"collect_vs_raw={collect_best / raw_best:.3f} bytes_per_transition={stored_per_transition:.0f} "
-          f"sb3_layout_ratio={uint8_per_transition / SB3_UINT8_BYTES_PER_TRANSITION:.4f}")
+          f"sb3_layout_ratio={uint8_per_transition / SB3_UINT8_BYTES_PER_TRANSITION:.4f} "
+          f"raw_vs_old_camera={raw_best / old_camera_best:.3f}")
 
 
 if __name__ == "__main__":

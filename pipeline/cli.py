@@ -51,6 +51,13 @@ def no_verify_option(command):
                         help="Do not check each chunk read against its recorded sha256.")(command)
 
 
+def camera_option(note: str = ""):
+    """``--camera`` for the commands that build an env from options; ``note`` ends its help."""
+    return click.option("--camera", type=click.Choice(["bev", "front"]), default=None,
+                        help="What the frames show: bev (car-mounted bird's-eye view, both backends) "
+                             f"or front (bonnet camera, CARLA only) [default: bev].{note}")
+
+
 def _carla_kwargs(host, port) -> dict:
     return {k: v for k, v in (("host", host), ("port", port)) if v is not None}
 
@@ -73,9 +80,10 @@ def _carla_kwargs(host, port) -> dict:
 @click.option("--resume", is_flag=True, help="Continue an existing store up to --episodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@camera_option()
 @carla_options
 def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, max_steps, workers, scheduler,
-            resume, overwrite, quiet, carla_host, carla_port):
+            resume, overwrite, quiet, camera, carla_host, carla_port):
     """Drive a policy and record raw dict transitions into a Zarr store.
 
     \b
@@ -91,8 +99,8 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
         raise PipelineError("--resume and --overwrite exclude each other")
     config = CollectConfig(
         out=out or _default_run_name(".zarr"), episodes=episodes, route=route, policy=policy, noise=noise,
-        seed=seed, traffic=traffic, vector_fields=vector_fields, max_steps=max_steps, workers=workers,
-        scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
+        seed=seed, traffic=traffic, vector_fields=vector_fields, camera=camera, max_steps=max_steps,
+        workers=workers, scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
         simulator=_carla_kwargs(carla_host, carla_port),
     )
     summary = run_collect(config, progress=not quiet)
@@ -144,11 +152,12 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @no_verify_option
+@camera_option(" Without --data only: a dataset brings its own.")
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
           encoder_update, bc_alpha, n_step, gamma, no_augment, replay_memory, online_capacity, device, compile_,
           checkpoint_every, eval_every, eval_episodes, log_every, vector_fields, traffic, out, resume, seed, quiet,
-          no_verify, carla_host, carla_port):
+          no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
     \b
@@ -169,7 +178,8 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update, bc_alpha=bc_alpha,
         augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
-        traffic=traffic, resume=resume, simulator=_carla_kwargs(carla_host, carla_port), verify=not no_verify,
+        traffic=traffic, camera=camera, resume=resume, simulator=_carla_kwargs(carla_host, carla_port),
+        verify=not no_verify,
     )
     summary = run_train(config, progress=not quiet)
     recent = summary["recent_return"]
@@ -380,9 +390,10 @@ def stats(path, png, bins, as_json, no_verify):
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
 @click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
+@camera_option(" For --policy; a checkpoint drives with the camera it was trained on.")
 @carla_options
 def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, out, video, overwrite,
-          quiet, carla_host, carla_port):
+          quiet, camera, carla_host, carla_port):
     """Drive policies deterministically on fixed routes and seeds; report driving metrics.
 
     Per episode and in summary: route completion, collisions, off-route events, infractions per km,
@@ -409,7 +420,7 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
     config = EvalConfig(
         out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
         episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
-        video=video, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
+        video=video, camera=camera, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
     )
     report = evaluate(config, progress=not quiet)
     if not quiet:

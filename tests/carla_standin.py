@@ -22,7 +22,11 @@ import carla
 import numpy as np
 
 VEHICLES = {"vehicle.lincoln.mkz_2020": 4, "vehicle.tesla.model3": 4, "vehicle.yamaha.yzf": 2}
-SENSORS = ("sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion")
+SENSORS = ("sensor.camera.rgb", "sensor.camera.semantic_segmentation", "sensor.other.collision",
+           "sensor.other.lane_invasion")
+# the semantic camera's picture: a road (tag 1) with a lane line (tag 24) down the middle, a car
+# (tag 14) ahead on it, and unlabelled ground (tag 0) either side, in CARLA's red channel
+SEMANTIC_ROAD, SEMANTIC_LINE, SEMANTIC_CAR = 1, 24, 14
 WALKERS = ("walker.pedestrian.0001", "walker.pedestrian.0002")
 WALKER_CONTROLLER = "controller.ai.walker"
 # deliberately not the adapter's defaults, so tests see them read from the physics control
@@ -363,6 +367,8 @@ class StandInSensor(StandInActor):
         me = self.parent
         if self.type_id == "sensor.camera.rgb":
             self.callback(self._render(frame, me))
+        elif self.type_id == "sensor.camera.semantic_segmentation":
+            self.callback(self._render_semantic(frame))
         elif self.type_id == "sensor.other.collision":
             for other in vehicles:
                 gap = _distance(other.transform.location, me.transform.location)
@@ -386,6 +392,19 @@ class StandInSensor(StandInActor):
         shift = int(8.0 * (loc.x + loc.y) + yaw)
         bgra = np.roll(self._stripes, shift, axis=1)
         return StandInImage(frame, bgra.shape[1], bgra.shape[0], bgra.tobytes())
+
+
+    def _render_semantic(self, frame: int) -> StandInImage:
+        """A fixed semantic picture (see ``SEMANTIC_*``): columns 1/4 to 3/4 road, a two-column
+        lane line in the middle, a car block in the upper half, the rest tag 0."""
+        w, h = int(self.attributes["image_size_x"]), int(self.attributes["image_size_y"])
+        tags = np.zeros((h, w), np.uint8)
+        tags[:, w // 4 : 3 * w // 4] = SEMANTIC_ROAD
+        tags[:, w // 2 : w // 2 + 2] = SEMANTIC_LINE
+        tags[h // 4 : h // 4 + 8, w // 2 + 4 : w // 2 + 12] = SEMANTIC_CAR
+        bgra = np.zeros((h, w, 4), np.uint8)
+        bgra[:, :, 2] = tags
+        return StandInImage(frame, w, h, bgra.tobytes())
 
 
 class StandInWalker(StandInActor):

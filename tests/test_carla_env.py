@@ -345,3 +345,45 @@ def test_collision_kinds_follow_the_other_actors_blueprint():
     assert collision_kind("vehicle.audi.tt") == "vehicle"
     assert collision_kind("static.prop.streetbarrier") == "static"
     assert collision_kind("") == "static"  # buildings, poles and the like come without a blueprint
+
+
+def _camera_sensor(server):
+    world = server.world
+    return next(a for a in world.alive("sensor.camera"))
+
+
+def test_bev_camera_is_a_semantic_camera_looking_down_from_above_the_ego(server):
+    from pipeline.envs import bev
+
+    env = FrameStack(_env(server), 4)
+    obs, _ = env.reset(seed=0)
+    camera = _camera_sensor(server)
+    assert camera.type_id == "sensor.camera.semantic_segmentation"
+    assert camera.parent is server.world.hero, "attached to the ego, so it turns with the car"
+    x, height = bev.carla_camera_placement(84, 90.0)
+    loc, rot = camera.transform.location, camera.transform.rotation
+    assert (loc.x, loc.y, loc.z) == pytest.approx((x, 0.0, height))
+    assert (rot.pitch, rot.yaw, rot.roll) == pytest.approx((-90.0, 0.0, 0.0))
+    assert float(camera.attributes["fov"]) == 90.0 and camera.attributes["image_size_x"] == "168"
+    # its ground footprint is the embedded view's: 48 m across, the ego 38 m from the top edge
+    assert 2 * height * math.tan(math.radians(45.0)) == pytest.approx(bev.VIEW_SIZE_M)
+    assert x + bev.VIEW_SIZE_M / 2 == pytest.approx(bev.VIEW_AHEAD_M)
+    # CARLA's semantic tags come out as the embedded view's grey levels
+    frame = obs["image"][-1]
+    assert frame[:, 2].max() == bev.OFF_ROAD and frame[:, 30].min() == bev.ROAD
+    assert frame[:, 42].max() >= bev.LANE_MARKING - 1 and frame.max() == bev.VEHICLE
+    assert env.unwrapped.obs_spec.camera == "bev"
+    env.close()
+
+
+def test_front_camera_keeps_the_bonnet_rgb_camera(server):
+    from pipeline.envs.carla_env import FRONT_CAMERA_TRANSFORM
+
+    env = _env(server, spec=ObsSpec(camera="front"))
+    env.reset(seed=0)
+    camera = _camera_sensor(server)
+    assert camera.type_id == "sensor.camera.rgb"
+    (x, y, z), (pitch, _, _) = FRONT_CAMERA_TRANSFORM
+    assert (camera.transform.location.x, camera.transform.location.z) == pytest.approx((x, z))
+    assert camera.transform.rotation.pitch == pytest.approx(pitch)
+    env.close()

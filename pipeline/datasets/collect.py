@@ -34,6 +34,7 @@ class CollectConfig:
     seed: int = 0
     traffic: int | None = None
     vector_fields: str | None = None
+    camera: str | None = None  # None: bev
     max_steps: int | None = None
     workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
@@ -44,8 +45,8 @@ class CollectConfig:
         from pipeline.envs import get_route
 
         simulator = self.simulator if get_route(self.route).backend == "carla" else {}
-        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "max_steps": self.max_steps,
-                **simulator}
+        return {"vector_fields": self.vector_fields, "traffic": self.traffic, "camera": self.camera,
+                "max_steps": self.max_steps, **simulator}
 
 
 _process_env: dict = {}  # this process's env and policy, reused across episodes of one config
@@ -67,16 +68,22 @@ def env_and_policy(config: CollectConfig):
 
 
 def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
-    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker."""
+    """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker.
+
+    A policy with an ``expert_action(obs, info)`` (the scripted expert) also labels every step
+    with the action it would take without its noise (DART): the label behaviour cloning learns
+    from, while ``action`` stays what was applied, which TD3's critic needs."""
     env, policy = env_and_policy(config)
+    label = getattr(policy, "expert_action", None)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
     recorder = EpisodeRecorder(route=config.route, seed=episode_seed)
     recorder.start(obs)
     while True:
+        expert_action = label(obs, info) if label is not None else None
         action = policy.act(obs, info)
         obs, reward, terminated, truncated, info = env.step(action)
-        recorder.add(action, reward, obs, terminated, truncated)
+        recorder.add(action, reward, obs, terminated, truncated, expert_action=expert_action)
         if terminated or truncated:
             return recorder.finish(info["termination"], route_completion=float(info["route_completion"]))
 
@@ -223,7 +230,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     if config.traffic is not None and config.traffic < 0:
         raise PipelineError(f"--traffic must be 0 or more, got {config.traffic}")
     route = get_route(config.route)
-    spec = obs_spec_for(route, config.vector_fields, config.traffic)
+    spec = obs_spec_for(route, config.vector_fields, config.traffic, config.camera)
     # bad options, a missing checkpoint or an unreachable server must fail before a store exists
     if route.backend == "carla":  # one env per server: only check that it answers
         from pipeline.envs.carla_env import connect
@@ -242,10 +249,11 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
     """Drive ``source``'s episodes into the store through the writer thread; the summary dict."""
     from pipeline.datasets.store import EpisodeWriter
+    from pipeline.envs.driving import RewardConfig
     from pipeline.envs.spec import ActionSpec
 
     writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
-                           mode=config.mode)
+                           mode=config.mode, reward=RewardConfig().to_dict())
     seeds = _pending_seeds(config, writer)
     stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
     started = time.perf_counter()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+_NO_LABEL = np.full(2, np.nan, dtype=np.float32)
+
 
 @dataclass
 class Episode:
@@ -23,6 +25,9 @@ class Episode:
     - ``reward``     float32 ``(T,)``
     - ``terminated`` bool    ``(T,)``  (true only possibly at the last step)
     - ``truncated``  bool    ``(T,)``
+    - ``expert_action`` float32 ``(T, 2)``: the scripted expert's own action in each state, the
+      label for behaviour cloning when ``action`` had noise added (DART); NaN rows where the
+      collecting policy gave none. None for stores recorded before labels were kept.
     """
 
     frames: np.ndarray
@@ -31,6 +36,7 @@ class Episode:
     reward: np.ndarray
     terminated: np.ndarray
     truncated: np.ndarray
+    expert_action: np.ndarray | None = None
     route: str = ""
     seed: int = -1
     termination: str = ""
@@ -71,29 +77,39 @@ class EpisodeRecorder:
         self._reward: list[float] = []
         self._terminated: list[bool] = []
         self._truncated: list[bool] = []
+        self._expert_action: list[np.ndarray] = []
 
     def start(self, obs: dict) -> None:
         self._frames = list(np.asarray(obs["image"], dtype=np.uint8))
         self._vector = [np.asarray(obs["vector"], dtype=np.float32)]
         self._action, self._reward, self._terminated, self._truncated = [], [], [], []
+        self._expert_action = []
 
-    def add(self, action, reward: float, next_obs: dict, terminated: bool, truncated: bool) -> None:
+    def add(self, action, reward: float, next_obs: dict, terminated: bool, truncated: bool,
+            expert_action=None) -> None:
+        """One ``env.step``; ``expert_action`` is the expert's label for the state acted in, if any."""
         self._frames.append(np.asarray(next_obs["image"][-1], dtype=np.uint8))
         self._vector.append(np.asarray(next_obs["vector"], dtype=np.float32))
         self._action.append(np.asarray(action, dtype=np.float32))
         self._reward.append(float(reward))
         self._terminated.append(bool(terminated))
         self._truncated.append(bool(truncated))
+        self._expert_action.append(_NO_LABEL if expert_action is None
+                                   else np.asarray(expert_action, dtype=np.float32).reshape(2))
 
     @property
     def length(self) -> int:
         return len(self._action)
 
     def finish(self, termination: str | None = None, **info) -> Episode:
+        def pairs(rows: list[np.ndarray]) -> np.ndarray:
+            return np.stack(rows).reshape(-1, 2) if rows else np.zeros((0, 2), np.float32)
+
         return Episode(
             frames=np.stack(self._frames),
             vector=np.stack(self._vector),
-            action=np.stack(self._action).reshape(-1, 2) if self._action else np.zeros((0, 2), np.float32),
+            action=pairs(self._action),
+            expert_action=pairs(self._expert_action),
             reward=np.asarray(self._reward, dtype=np.float32),
             terminated=np.asarray(self._terminated, dtype=bool),
             truncated=np.asarray(self._truncated, dtype=bool),

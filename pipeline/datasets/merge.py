@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.datasets.remote import _Progress, display_url, store_location
 from pipeline.datasets.store import (EpisodeWriter, TransitionStore, _exists, _fs_path, interrupted_creation,
                                      remove_store)
+from pipeline.envs.driving import reward_difference
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
 
 
@@ -23,6 +24,9 @@ def _differences(store: TransitionStore, reference: TransitionStore) -> list[str
     diffs = [f"obs_spec.{k}: {mine[k]!r} != {theirs[k]!r}" for k in store.obs_spec.mismatch(reference.obs_spec)]
     mine, theirs = store.action_spec.to_dict(), reference.action_spec.to_dict()
     diffs += [f"action_spec.{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+    reward = reward_difference(store.reward_definition, reference.reward_definition)
+    if reward:  # returns of two reward definitions must not end up side by side unnoticed
+        diffs.append(f"reward: {reward}")
     return diffs
 
 
@@ -166,7 +170,8 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
                 "sources": provenance, "duplicates": duplicates, "resumed": done}
     writer = EpisodeWriter(out, stores[0].obs_spec, stores[0].action_spec, meta=_common_meta(stores),
                            mode="append" if previous is not None else "overwrite" if overwrite else "create",
-                           sources=None if previous is not None else provenance, unfinished=marker)
+                           sources=None if previous is not None else provenance, unfinished=marker,
+                           reward=stores[0].reward_definition)
     try:
         with writer, _Progress(progress, f"merge -> {display_url(out)}", len(plan), unit="items") as bar:
             bar.advance(done)

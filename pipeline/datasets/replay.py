@@ -166,7 +166,8 @@ class OfflineSource:
     """The frames and per-step arrays of a dataset store, in memory or as a reservoir.
 
     Arrays held (``N`` transitions, ``O`` observations, ``D`` vector size):
-    ``vector`` float32 ``(O, D)``, ``action`` float32 ``(N, A)``, ``reward`` float32 ``(N,)``,
+    ``vector`` float32 ``(O, D)``, ``action`` float32 ``(N, A)``, ``bc_action`` float32 ``(N, A)``
+    (the expert's label where the store has one, else ``action``), ``reward`` float32 ``(N,)``,
     ``terminated`` bool ``(N,)``, and ``frames`` uint8 ``(n_slots * segment_frames, H, W)``
     (numpy, or a torch tensor when ``frame_device`` is given). Slot ``i`` holds store frames
     ``[slot_start[i], slot_start[i] + segment_frames)`` and makes the global transitions
@@ -198,9 +199,15 @@ class OfflineSource:
         n, o = store.num_transitions, store.num_observations
         self.vector = np.asarray(store.vector[:o])
         self.action = np.asarray(store.action[:n])
+        self.bc_action = self.action  # the same array, unless the store holds expert labels
+        if store.expert_action is not None:
+            labels = np.asarray(store.expert_action[:n])
+            if not np.isnan(labels).all():
+                self.bc_action = np.where(np.isnan(labels), self.action, labels)
         self.reward = np.asarray(store.reward[:n])
         self.terminated = np.asarray(store.terminated[:n])
         small = sum(a.nbytes for a in (self.vector, self.action, self.reward, self.terminated))
+        small += self.bc_action.nbytes if self.bc_action is not self.action else 0
         small += sum(a.nbytes for a in (self.ep_step, self.ep_frame, self.ep_obs, self.ep_len))
         size = store.obs_spec.image_size
         frame_bytes = size * size
@@ -382,6 +389,7 @@ class OnlineRing:
         self.order = _device_order(self.frames)
         self.vector = np.zeros((c + c // 4 + 1 + n_step, obs_spec.vector_dim), np.float32)
         self.action = np.zeros((c, action_dim), np.float32)
+        self.bc_action = self.action  # online rollouts carry no expert labels
         self.reward = np.zeros(c, np.float32)
         self.terminated = np.zeros(c, bool)
         self.frame_of = np.zeros(c, np.int64)
@@ -489,6 +497,7 @@ def _nest(flat: dict, k: int) -> dict:
     return {
         "obs": {"image": flat["frames"][:, :k], "vector": flat["obs_vector"]},
         "action": flat["action"],
+        "bc_action": flat["bc_action"],
         "reward": flat["reward"],
         "next_obs": {"image": flat["frames"][:, -k:], "vector": flat["next_obs_vector"]},
         "done": flat["done"],
@@ -544,7 +553,9 @@ class DictReplayBuffer:
     ``sample(B)`` returns a dict of torch tensors on ``device``:
     ``obs`` / ``next_obs`` ``{'image': uint8 (B, K, H, W), 'vector': float32 (B, D)}``
     (``next_obs`` is the n-th next observation, or the episode's last if it ends sooner),
-    ``action`` float32 ``(B, A)``, ``reward`` float32 ``(B,)`` (discounted sum over those steps),
+    ``action`` float32 ``(B, A)`` (applied), ``bc_action`` float32 ``(B, A)`` (the expert's label
+    of that state where the store has one, else ``action``: the behaviour-cloning target),
+    ``reward`` float32 ``(B,)`` (discounted sum over those steps),
     ``done`` float32 ``(B,)`` (1 when the episode terminated within them; truncation bootstraps),
     ``discount`` float32 ``(B,)`` (``gamma ** steps summed``), ``offline`` bool ``(B,)``.
     Both images are views of one ``(B, W, H, W)`` frame window (obs its first ``K`` frames,
@@ -557,7 +568,8 @@ class DictReplayBuffer:
     Arguments: ``offline`` a :class:`TransitionStore`, a store URL or None; ``online_capacity``
     transitions in the ring (0: no online source); ``memory_budget`` bytes (or "8GiB") for the
     offline source (its frames count against it on the device with ``frames_on_device``); ``prefetch`` batches assembled ahead by a thread (0: assemble in ``sample``);
-    ``online_store`` a URL that completed online episodes are appended to; ``refresh_duty`` the
+    ``online_store`` a URL that completed online episodes are appended to (``online_reward``: the
+    definition of their rewards, default the envs' ``RewardConfig().to_dict()``); ``refresh_duty`` the
     share of wall time the reservoir refresh thread may spend reading (0: refresh only when
     :meth:`refresh` is called); ``progress`` shows a progress bar while loading (None: for loads
     over 1 GiB on a terminal).
@@ -582,6 +594,7 @@ class DictReplayBuffer:
         seed: int = 0,
         online_store: str | os.PathLike | None = None,
         online_route: str = "",
+        online_reward: dict | None = None,
         frames_on_device: bool = False,
         refresh_duty: float = 0.25,
         progress: bool | None = None,
@@ -634,9 +647,12 @@ class DictReplayBuffer:
         self._recorder: EpisodeRecorder | None = None
         self.online_episodes = 0
         if online_store is not None:
+            from pipeline.envs.driving import RewardConfig
+
             self._writer = EpisodeWriter(str(online_store), self.obs_spec, self.action_spec,
                                          meta={"source": "online replay"}, mode="append",
-                                         storage_options=storage_options)
+                                         storage_options=storage_options,
+                                         reward=online_reward or RewardConfig().to_dict())
 
         self._stop = threading.Event()
         self._errors: list[BaseException] = []  # raised in the threads, re-raised by sample()
@@ -748,7 +764,8 @@ class DictReplayBuffer:
         size = self.obs_spec.image_size
         d, a = self.obs_spec.vector_dim, self.action_spec.dim
         shapes = {"obs_vector": ((b, d), torch.float32), "next_obs_vector": ((b, d), torch.float32),
-                  "action": ((b, a), torch.float32), "reward": ((b,), torch.float32),
+                  "action": ((b, a), torch.float32), "bc_action": ((b, a), torch.float32),
+                  "reward": ((b,), torch.float32),
                   "done": ((b,), torch.float32), "discount": ((b,), torch.float32),
                   "offline": ((b,), torch.bool)}
         if not self.frames_on_device:
@@ -801,7 +818,8 @@ class DictReplayBuffer:
         for key, shift in (("obs", 0), ("next_obs", rows.n)):
             vector = batch[f"{key}_vector"].numpy()[out]
             np.take(src.vector, rows.obs + shift, axis=0, out=vector, mode="wrap")
-        np.take(src.action, rows.step, axis=0, out=batch["action"].numpy()[out], mode="wrap")
+        for name in ("action", "bc_action"):
+            np.take(getattr(src, name), rows.step, axis=0, out=batch[name].numpy()[out], mode="wrap")
         batch["done"].numpy()[out] = np.take(src.terminated, rows.step + rows.n - 1, mode="wrap")
         batch["discount"].numpy()[out] = self._gammas[rows.n]
         if self.n_step == 1:

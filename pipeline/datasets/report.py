@@ -20,7 +20,16 @@ def _describe_spec(spec: dict) -> str:
     fields = spec["vector_fields"]
     vector = ", ".join(fields) if len(fields) <= 3 else f"{len(fields)} fields"
     size = spec.get("image_size", 84)
-    return f"vector: {vector}; traffic {spec.get('traffic', 0)}; image {spec.get('frame_stack', 4)}x{size}x{size}"
+    return (f"camera {spec.get('camera', 'unrecorded')}; vector: {vector}; traffic {spec.get('traffic', 0)}; "
+            f"image {spec.get('frame_stack', 4)}x{size}x{size}")
+
+
+def _describe_reward(reward: dict | None) -> str:
+    if not reward:
+        return "version 1 (unrecorded: uncapped progress, stuck truncates)"
+    return (f"version {reward['version']}: progress x{reward['progress_weight']} capped at the target speed, "
+            f"penalties collision {reward['collision_penalty']}, off-route {reward['off_route_penalty']}, "
+            f"stuck {reward['stuck_penalty']}")
 
 
 def print_summary(path: str, summary: dict, console: Console | None = None) -> None:
@@ -40,6 +49,9 @@ def print_summary(path: str, summary: dict, console: Console | None = None) -> N
         ("routes", ", ".join(f"{name} ({count} episodes)" for name, count in summary.get("routes", {}).items())),
         ("policy", _policy(summary.get("meta") or {}) or ("see provenance" if summary.get("sources") else "unknown")),
         ("obs spec", _describe_spec(summary["obs_spec"])),
+        ("reward", _describe_reward(summary.get("reward"))),
+        ("expert labels", f"{summary['labelled_transitions']} transitions"
+                          if summary.get("labelled_transitions") is not None else "none (format 1)"),
         ("bytes stored", _fmt_bytes(summary.get("bytes_stored", 0))),
         ("bytes per transition", _number(summary.get("bytes_per_transition"), ".0f")),
         ("created", str(summary.get("created", ""))),

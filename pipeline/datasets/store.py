@@ -8,13 +8,15 @@ Layout (``F`` frames, ``O`` observations, ``N`` transitions, ``E`` episodes; ``K
     reward      float32 (N,)
     terminated  bool    (N,)
     truncated   bool    (N,)
+    expert_action float32 (N, 2) chunks (8192, 2)   the expert's label per step, NaN where none
+                                                    (format 2; format-1 stores have no labels)
     episodes/   frame_offset, obs_offset, step_offset, length, seed: int64 (E,);
                 return: float64 (E,); route: int16 (E,) index into attrs["routes"];
                 termination: int8 (E,) index into ["", *TERMINATIONS];
                 source: int16 (E,) index into attrs["sources"], -1 = recorded into this store
     attrs       format, format_version, id (random, names the dataset), obs_spec, action_spec,
                 routes, meta, software_version, created, committed_episodes, appends, checksums,
-                sources (merged stores)
+                sources (merged stores), reward (the reward's definition and version, format 2)
 
 Observation ``t`` of episode ``e`` is ``frames[f0 + t : f0 + t + K]`` with ``vector[o0 + t]``,
 where ``f0, o0`` are the episode's ``frame_offset, obs_offset``; its transition ``t`` is global
@@ -64,7 +66,11 @@ from pipeline.envs.spec import TERMINATIONS, ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
 
 FORMAT_NAME = "pipeline.transitions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads. Version 1 stores have no ``expert_action`` and no ``reward`` attr;
+#: they stay readable (info, verify, stats), while their obs spec (no camera) keeps them away
+#: from envs that draw another picture.
+READABLE_VERSIONS = (1, 2)
 
 FRAME_CHUNK = 256
 ROW_CHUNK = 8192
@@ -80,7 +86,11 @@ TERMINATION_NAMES: tuple[str, ...] = ("", *TERMINATIONS)
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
 _NUMBER_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
-_DATA_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated")
+_DATA_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
+#: Data arrays a store of an older format may lack.
+_OPTIONAL_ARRAYS = frozenset({"expert_action"})
+#: Data arrays with one row per transition.
+_TRANSITION_ARRAYS = ("action", "reward", "terminated", "truncated", "expert_action")
 # name -> dtype of the episodes table columns
 _EPISODE_COLUMNS = {
     "frame_offset": "int64",
@@ -93,12 +103,12 @@ _EPISODE_COLUMNS = {
     "termination": "int8",
     "source": "int16",
 }
-_DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "bool", "bool"))),
+_DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "bool", "bool", "float32"))),
            **{f"episodes/{name}": dtype for name, dtype in _EPISODE_COLUMNS.items()}}
 #: The only attrs keys a store may hold: anything else is refused as not data we know.
 ATTRS_KEYS = frozenset({
     "format", "format_version", "id", "obs_spec", "action_spec", "routes", "meta", "software_version",
-    "created", "committed_episodes", "appends", "checksums", "sources", "unfinished",
+    "created", "committed_episodes", "appends", "checksums", "sources", "reward", "unfinished",
 })
 # Plain zarr v3 codecs; a store naming any other codec (e.g. numcodecs' pickle) is refused.
 _SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
@@ -284,9 +294,10 @@ def _check_format(url: str, attrs: dict) -> None:
             f"{url} has format_version {version!r}, newer than this pipeline reads "
             f"({FORMAT_VERSION}); upgrade pipeline (installed {pipeline.__version__})"
         )
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(
-            f"{url} has unsupported format_version {version!r} (expected {FORMAT_VERSION})"
+            f"{url} has unsupported format_version {version!r} (this pipeline reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
 
 
@@ -353,7 +364,7 @@ def committed_ends(table: dict[str, np.ndarray], frame_stack: int) -> dict[str, 
         t = int(table["length"][-1])
         ends["frames"] = int(table["frame_offset"][-1]) + frame_stack + t
         ends["vector"] = int(table["obs_offset"][-1]) + t + 1
-        for name in ("action", "reward", "terminated", "truncated"):
+        for name in _TRANSITION_ARRAYS:
             ends[name] = int(table["step_offset"][-1]) + t
     ends.update({f"episodes/{name}": n for name in _EPISODE_COLUMNS})
     return ends
@@ -445,6 +456,8 @@ def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = N
     ends = committed_ends(table, k)
     for name, end in ends.items():
         array = arrays.get(name)
+        if array is None and name in _OPTIONAL_ARRAYS:
+            continue  # (expert_action, which format-1 stores lack)
         if array is None:
             raise StoreError(f"{url} is corrupt: missing array {name}")
         if array.shape[0] < end:
@@ -522,6 +535,10 @@ class TransitionStore:
         self.reward: zarr.Array = arrays["reward"]
         self.terminated: zarr.Array = arrays["terminated"]
         self.truncated: zarr.Array = arrays["truncated"]
+        #: The expert's labels (float32 (N, 2), NaN where none), or None in a format-1 store.
+        self.expert_action: zarr.Array | None = arrays.get("expert_action")
+        #: The recorded reward definition (``RewardConfig.to_dict()``), None in a format-1 store.
+        self.reward_definition: dict | None = self.attrs.get("reward")
         self.num_episodes = len(self.episodes["length"])
         self.num_transitions = ends["action"]
         self.num_frames = ends["frames"]
@@ -554,6 +571,7 @@ class TransitionStore:
             reward=np.asarray(self.reward[s0 : s0 + t]),
             terminated=np.asarray(self.terminated[s0 : s0 + t]),
             truncated=np.asarray(self.truncated[s0 : s0 + t]),
+            expert_action=None if self.expert_action is None else np.asarray(self.expert_action[s0 : s0 + t]),
             route=self.routes[row["route"]],
             seed=row["seed"],
             termination=TERMINATION_NAMES[row["termination"]],
@@ -628,6 +646,9 @@ class TransitionStore:
             "policy": self.meta.get("policy"),
             "obs_spec": self.obs_spec.to_dict(),
             "action_spec": self.action_spec.to_dict(),
+            "reward": self.reward_definition,
+            "labelled_transitions": None if self.expert_action is None else int(
+                np.isfinite(np.asarray(self.expert_action[: self.num_transitions])[:, 0]).sum()),
             "bytes_stored": stored,
             "bytes_per_transition": stored / self.num_transitions if self.num_transitions else None,
             "created": self.attrs.get("created"),
@@ -756,6 +777,8 @@ class EpisodeWriter:
     ``"overwrite"`` (delete the zarr store at ``url``, then create). ``sources`` (new stores only):
     where the episodes come from when the store is made from other stores (``datasets merge``),
     one JSON-able dict per source; :meth:`append` takes the index of each episode's source.
+    ``reward``: the definition of the rewards recorded (``RewardConfig.to_dict()``), kept in
+    ``attrs["reward"]``; appending episodes of another definition is refused.
 
     >>> with EpisodeWriter("runs/a.zarr", ObsSpec(), meta={"policy": "random"}) as writer:
     ...     writer.append(episode)          # returns the committed episode count
@@ -770,12 +793,14 @@ class EpisodeWriter:
         mode: str = "create",
         storage_options: dict | None = None,
         sources: list[dict] | None = None,
+        reward: dict | None = None,
         unfinished: dict | None = None,
     ):
         if mode not in ("create", "append", "overwrite"):
             raise ValueError(f"mode must be 'create', 'append' or 'overwrite', not {mode!r}")
         self.url, self.obs_spec, self.action_spec = str(url), obs_spec, action_spec
         self.storage_options = storage_options
+        self.reward = _json_meta(reward) if reward is not None else None
         meta = _json_meta(meta)
         fs, path = _fs_path(self.url, storage_options)
         exists = _exists(fs, path)
@@ -823,11 +848,14 @@ class EpisodeWriter:
             "reward": ((0,), (ROW_CHUNK,), "float32", _NUMBER_CODEC, ("transition",)),
             "terminated": ((0,), (ROW_CHUNK,), "bool", _BYTE_CODEC, ("transition",)),
             "truncated": ((0,), (ROW_CHUNK,), "bool", _BYTE_CODEC, ("transition",)),
+            "expert_action": ((0, a), (ROW_CHUNK, a), "float32", _NUMBER_CODEC, ("transition", "field")),
         }
         for name, (shape, chunks, dtype, codec, dims) in specs.items():
+            # a chunk that is missing reads as NaN labels, never as plausible zero actions
+            fill = False if dtype == "bool" else (float("nan") if name == "expert_action" else 0)
             group.create_array(
                 name, shape=shape, chunks=chunks, dtype=dtype, compressors=codec,
-                fill_value=False if dtype == "bool" else 0, dimension_names=dims,
+                fill_value=fill, dimension_names=dims,
             )
         table = group.create_group("episodes")
         for name, dtype in _EPISODE_COLUMNS.items():
@@ -852,6 +880,7 @@ class EpisodeWriter:
                 "appends": [],
                 "checksums": self._checksums_attr(),
                 "sources": sources,
+                "reward": self.reward,
                 # A store filled from others (merge) is marked unfinished in the same document
                 # that makes it a dataset, until finish() clears the mark.
                 **({"unfinished": self._unfinished} if self._unfinished else {}),
@@ -876,6 +905,15 @@ class EpisodeWriter:
                 f"dataset store {self.url} has a different action spec (fields: "
                 f"{list(stored_action.fields)!r} != {list(self.action_spec.fields)!r})"
             )
+        from pipeline.envs.driving import reward_difference
+
+        difference = reward_difference(attrs.get("reward"), self.reward)
+        if difference:
+            raise StoreError(f"dataset store {self.url} holds rewards of another definition ({difference}); "
+                             "record into a new store")
+        if "expert_action" not in group:
+            raise StoreError(f"dataset store {self.url} is format {attrs.get('format_version')}; "
+                             f"record into a new store to append (this pipeline writes format {FORMAT_VERSION})")
         table, ends, _ = _committed(self.url, group)
         self._committed = len(table["length"])
         if "source" not in group["episodes"]:  # a store from before provenance was recorded
@@ -926,10 +964,12 @@ class EpisodeWriter:
             "reward": ((t,), np.float32),
             "terminated": ((t,), np.bool_),
             "truncated": ((t,), np.bool_),
+            "expert_action": ((t, self.action_spec.dim), np.float32),
         }
         arrays = {}
         for name, (shape, dtype) in expected.items():
-            value = np.asarray(getattr(ep, name))
+            value = getattr(ep, name)
+            value = np.full(shape, np.nan, dtype) if value is None else np.asarray(value)
             if value.shape != shape:
                 raise SpecMismatchError(
                     f"episode {name} has shape {value.shape}, the store expects {shape} "

@@ -35,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from pipeline.envs import bev
 from pipeline.envs.carla_planner import RoutePlanner
 from pipeline.envs.driving import RewardConfig, RouteTracker, TerminationRule, driving_reward, driving_vector
 from pipeline.envs.routes import Route, list_routes
@@ -52,9 +53,14 @@ DEFAULT_VEHICLE = "vehicle.lincoln.mkz_2020"
 # the default vehicle's limits; refined from the physics control at the first reset
 MAX_STEER_RAD = math.radians(70.0)
 WHEELBASE_M = 2.9
-# front camera above the bonnet, rendered at twice the frame size and averaged down (anti-aliasing)
-CAMERA_TRANSFORM = ((1.5, 0.0, 2.4), (-15.0, 0.0, 0.0))  # (x, y, z) metres, (pitch, yaw, roll) deg
-CAMERA_FOV = 100.0
+# Both cameras render at twice the frame size and are averaged down (anti-aliasing).
+# "front": an RGB camera above the bonnet, (x, y, z) metres, (pitch, yaw, roll) degrees.
+FRONT_CAMERA_TRANSFORM = ((1.5, 0.0, 2.4), (-15.0, 0.0, 0.0))
+FRONT_CAMERA_FOV = 100.0
+# "bev": a semantic-segmentation camera looking straight down from above the car, placed so that
+# its ground footprint is envs/bev.py's view; its tags become that view's grey levels.
+BEV_CAMERA_FOV = 90.0
+CAMERA_BLUEPRINTS = {"front": "sensor.camera.rgb", "bev": "sensor.camera.semantic_segmentation"}
 CAMERA_OVERSAMPLE = 2
 IMAGE_TIMEOUT_S = 10.0
 _BGR_TO_GRAY = np.array([0.114, 0.587, 0.299], dtype=np.float32)  # ITU-R 601 luma, CARLA sends BGRA
@@ -320,15 +326,25 @@ class CarlaDrivingEnv(gym.Env):
         if max_steer > 0 and 1.0 < wheelbase < 10.0:
             self.vehicle_params.update(max_steer_rad=math.radians(max_steer), wheelbase_m=wheelbase)
 
+    def _camera_blueprint(self, blueprint):
+        """The obs spec's camera: ``blueprint`` set up, and its transform relative to the ego."""
+        size = self.obs_spec.image_size * CAMERA_OVERSAMPLE
+        if self.obs_spec.camera == "bev":
+            x, height = bev.carla_camera_placement(self.obs_spec.image_size, BEV_CAMERA_FOV)
+            fov, transform = BEV_CAMERA_FOV, carla.Transform(carla.Location(x=x, z=height),
+                                                             carla.Rotation(pitch=-90.0))
+        else:
+            (x, y, z), (pitch, yaw, roll) = FRONT_CAMERA_TRANSFORM
+            fov, transform = FRONT_CAMERA_FOV, carla.Transform(
+                carla.Location(x, y, z), carla.Rotation(pitch=pitch, yaw=yaw, roll=roll))
+        for key, value in (("image_size_x", size), ("image_size_y", size), ("fov", fov), ("sensor_tick", 0.0)):
+            blueprint.set_attribute(key, str(value))
+        return blueprint, transform
+
     def _attach_sensors(self) -> None:
         library = self._world.get_blueprint_library()
-        size = self.obs_spec.image_size * CAMERA_OVERSAMPLE
-        camera_bp = library.find("sensor.camera.rgb")
-        for key, value in (("image_size_x", size), ("image_size_y", size), ("fov", CAMERA_FOV),
-                           ("sensor_tick", 0.0)):
-            camera_bp.set_attribute(key, str(value))
-        (x, y, z), (pitch, yaw, roll) = CAMERA_TRANSFORM
-        camera_tf = carla.Transform(carla.Location(x, y, z), carla.Rotation(pitch=pitch, yaw=yaw, roll=roll))
+        camera_id = CAMERA_BLUEPRINTS[self.obs_spec.camera]
+        camera_bp, camera_tf = self._camera_blueprint(library.find(camera_id))
         self._images: queue.Queue = queue.Queue()
         self._collided = False
         self._collision_kind: str | None = None
@@ -355,10 +371,10 @@ class CarlaDrivingEnv(gym.Env):
                 if any(str(m.type) in _OFFROAD_MARKINGS for m in event.crossed_lane_markings):
                     env._crossed_offroad_marking = True
 
-        for bp_id, transform, callback in (("sensor.camera.rgb", camera_tf, on_image),
+        for bp_id, transform, callback in ((camera_id, camera_tf, on_image),
                                            ("sensor.other.collision", carla.Transform(), on_collision),
                                            ("sensor.other.lane_invasion", carla.Transform(), on_invasion)):
-            blueprint = camera_bp if bp_id == "sensor.camera.rgb" else library.find(bp_id)
+            blueprint = camera_bp if bp_id == camera_id else library.find(bp_id)
             sensor = self._world.spawn_actor(blueprint, transform, attach_to=self._ego)
             self._actors.append(sensor)
             self._sensors.append(sensor)
@@ -448,7 +464,10 @@ class CarlaDrivingEnv(gym.Env):
             if image.frame >= frame:
                 break
         bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
-        gray = bgra[:, :, :3] @ _BGR_TO_GRAY
+        if self.obs_spec.camera == "bev":  # CARLA puts the semantic tag in the red channel
+            gray = bev.semantic_to_gray(bgra[:, :, 2]).astype(np.float32)
+        else:
+            gray = bgra[:, :, :3] @ _BGR_TO_GRAY
         n, k = self.obs_spec.image_size, image.height // self.obs_spec.image_size
         gray = gray[: n * k, : n * k].reshape(n, k, n, k).mean(axis=(1, 3))
         return np.ascontiguousarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8))
@@ -490,11 +509,11 @@ class CarlaDrivingEnv(gym.Env):
         state = self._tracker.update(position)
         collision = self._collided
         off_route = abs(state.lateral) > OFF_ROUTE_M or self._off_road()
-        reward = driving_reward(state.progress_m - self._progress, state.lateral, collision, off_route,
-                                self.reward_config)
+        terminated, truncated, reason = self._termination(state.completion, collision, off_route, speed)
+        reward = driving_reward(state.progress_m - self._progress, state.lateral, reason,
+                                self.route.target_speed * STEP_SECONDS, self.reward_config)
         self._progress = state.progress_m
         obs, full = self._observe(state, position, yaw, speed)
-        terminated, truncated, reason = self._termination(state.completion, collision, off_route, speed)
         return obs, reward, terminated, truncated, self._info(state, full, speed, collision, off_route, reason)
 
     # -- gymnasium API ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Coordinates are metres in the simulator's world frame; yaw in radians in that fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -119,36 +119,70 @@ def driving_vector(speed: float, state: RouteState, yaw: float, waypoints_ego: n
     return v
 
 
+#: Bumped whenever the reward's definition changes; stores record it (``attrs["reward"]``).
+#: Version 1 (stores without the attribute): uncapped progress, and ``stuck`` truncated with no
+#: penalty, so braking to a stop and waiting out the clock beat every honest attempt that failed.
+REWARD_VERSION = 2
+
+
 @dataclass(frozen=True)
 class RewardConfig:
-    """Per-step reward = progress_weight * metres gained along the route
-    - lateral_weight * (lateral offset / lane half width)^2, minus a one-off penalty on a collision
-    or on leaving the route. Roughly +0.2 per step at 10 m/s on the centre line."""
+    """Per-step reward, the same on both backends:
+
+    ``progress_weight * min(metres gained along the route, target_speed * step_seconds)``
+    ``- lateral_weight * min((lateral offset / lane_half_width)^2, 4)``, minus a one-off penalty
+    when the episode ends in a failure: ``collision``, ``off_route`` or ``stuck``.
+
+    Progress is capped at what the route's target speed covers in a step (as CARLA-Roach's speed
+    term, which peaks at the desired speed), so driving faster than the route asks earns nothing:
+    about +0.2 per step at 10 m/s on the centre line, and no more at 30. ``stuck`` (the
+    leaderboard's "agent blocked") is a failure, as the leaderboard scores it, with a penalty at
+    least as large as any other: otherwise stopping and waiting is worth more than trying.
+    """
 
     progress_weight: float = 0.1
     lateral_weight: float = 0.05
     lane_half_width: float = 2.5
     collision_penalty: float = 10.0
     off_route_penalty: float = 5.0
+    stuck_penalty: float = 10.0
+
+    def penalty(self, termination: str | None) -> float:
+        return {"collision": self.collision_penalty, "off_route": self.off_route_penalty,
+                "stuck": self.stuck_penalty}.get(termination, 0.0)
+
+    def to_dict(self) -> dict:
+        """What a store records as ``attrs["reward"]``: the version and every weight."""
+        return {"version": REWARD_VERSION, **asdict(self),
+                "progress_cap": "route target_speed x step seconds", "stuck": "terminates"}
 
 
-def driving_reward(progress_delta_m: float, lateral: float, collision: bool, off_route: bool,
-                   cfg: RewardConfig = RewardConfig()) -> float:
-    r = cfg.progress_weight * progress_delta_m
+def reward_difference(a: dict | None, b: dict | None) -> str | None:
+    """None when two recorded reward definitions (``RewardConfig.to_dict()``; None = a store from
+    before rewards were recorded, version 1) agree, else a short description of how they differ."""
+    a, b = a or {"version": 1}, b or {"version": 1}
+    if a == b:
+        return None
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
+
+
+def driving_reward(progress_delta_m: float, lateral: float, termination: str | None,
+                   max_progress_m: float, cfg: RewardConfig = RewardConfig()) -> float:
+    """One step's reward (see :class:`RewardConfig`); ``termination`` is the step's ending reason
+    (:class:`TerminationRule`), ``max_progress_m`` the route's target speed times the step length."""
+    r = cfg.progress_weight * min(progress_delta_m, max_progress_m)
     r -= cfg.lateral_weight * min((lateral / cfg.lane_half_width) ** 2, 4.0)
-    if collision:
-        r -= cfg.collision_penalty
-    if off_route:
-        r -= cfg.off_route_penalty
-    return float(r)
+    return float(r - cfg.penalty(termination))
 
 
 class TerminationRule:
     """Decides when an episode ends and why (one of ``TERMINATIONS``).
 
-    ``route_done``, ``collision`` and ``off_route`` terminate (no bootstrap); ``stuck`` (slower than
-    ``stuck_speed`` for ``stuck_steps`` in a row, as the leaderboard's "agent blocked") and
-    ``timeout`` (``max_steps``) truncate, because the state itself is not terminal.
+    ``route_done``, ``collision``, ``off_route`` and ``stuck`` (slower than ``stuck_speed`` for
+    ``stuck_steps`` in a row: the leaderboard's "agent blocked", which ends the route as a failure)
+    terminate; only ``timeout`` (``max_steps``) truncates and bootstraps. ``stuck`` used to
+    truncate, which made parking a safe harbour for an online learner (see :data:`REWARD_VERSION`).
     """
 
     def __init__(self, max_steps: int, stuck_steps: int = 50, stuck_speed: float = 0.1):
@@ -171,7 +205,7 @@ class TerminationRule:
         if completion >= 1.0:
             return True, False, "route_done"
         if self._slow >= self.stuck_steps:
-            return False, True, "stuck"
+            return True, False, "stuck"
         if self.steps >= self.max_steps:
             return False, True, "timeout"
         return False, False, None

@@ -1,9 +1,10 @@
 """The embedded default backend: highway-env's racetrack family, rendered offscreen.
 
-highway-env provides the track (a lane graph), the vehicles and a top-down renderer; everything
-that defines the task (route, state vector, reward, termination) comes from
-:mod:`pipeline.envs.driving`, shared with the CARLA backend. The camera is a top-down 84x84
-grayscale view centred on the ego car, about 52 m across.
+highway-env provides the track (a lane graph) and the vehicles; everything that defines the task
+(route, state vector, reward, termination) comes from :mod:`pipeline.envs.driving`, shared with the
+CARLA backend. The camera is the car-mounted, heading-up bird's-eye view of :mod:`pipeline.envs.bev`
+(84x84 grey, 48 m across, the ego in the lower part looking 38 m ahead), drawn by
+:class:`BevCamera`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 from gymnasium.envs.registration import load_env_creator  # noqa: E402
 import pygame  # noqa: E402
-from highway_env.road.graphics import RoadGraphics, WorldSurface  # noqa: E402
+from highway_env.road.lane import LineType  # noqa: E402
 from highway_env.vehicle.behavior import IDMVehicle  # noqa: E402
-from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
+
+from pipeline.envs import bev  # noqa: E402
 
 from pipeline.envs.driving import (  # noqa: E402
     RewardConfig,
@@ -36,58 +38,117 @@ from pipeline.envs.driving import (  # noqa: E402
 from pipeline.envs.routes import Route  # noqa: E402
 from pipeline.envs.spec import ActionSpec, ObsSpec  # noqa: E402
 
-CAMERA_PIXELS_PER_M = 1.6
 MAX_STEER_RAD = np.pi / 4  # highway-env ContinuousAction steering range
 MAX_ACCEL = 5.0  # highway-env ContinuousAction acceleration range, m/s^2
 WHEELBASE_M = 5.0  # highway-env's kinematic bicycle turns like a 5 m wheelbase
 STEP_SECONDS = 0.2  # policy frequency 5 Hz
 OFF_ROUTE_M = 7.5  # beyond the adjacent lane
+SUPERSAMPLE = 2  # samples per pixel side: lane lines and car edges are anti-aliased
+MARKING_WIDTH_M = 0.5
+STRIPE_LENGTH_M, STRIPE_PERIOD_M = 3.0, 7.5  # dashed lane lines
+_STRIPED, _CONTINUOUS = LineType.STRIPED, (LineType.CONTINUOUS, LineType.CONTINUOUS_LINE)
 
 
-GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])
+class BevCamera:
+    """The car-mounted, heading-up bird's-eye view of :mod:`pipeline.envs.bev` for a highway-env road.
 
-
-class TopDownCamera:
-    """An ego-centred top-down grayscale camera that draws the track once.
-
-    highway-env's own image observation redraws every lane stripe of the whole track each frame,
-    which is most of a step's time. The track never changes, so we draw it once onto a large
-    surface and per frame only blit the window around the ego car and draw the vehicles. Frames
-    look like highway-env's ``GrayscaleObservation`` (same colours, scale and centring) but are
-    in image orientation (rows = world y).
+    The track never changes, so its lanes are rasterised once (road surface, then lane lines) into
+    a world-aligned grey map at ``SUPERSAMPLE`` times the view's resolution. A frame is then one
+    gather: each sub-pixel of the view is rotated by the ego's heading into that map (nearest
+    sample), the vehicles are filled in as rotated rectangles, and each ``SUPERSAMPLE`` x
+    ``SUPERSAMPLE`` block is averaged. ``render`` returns uint8 ``(size, size)``.
     """
 
-    def __init__(self, road, size: int, pixels_per_m: float = CAMERA_PIXELS_PER_M):
-        corners = []
-        for lanes in (to for frm in road.network.graph.values() for to in frm.values()):
-            for lane in lanes:
-                for s in np.linspace(0.0, lane.length, 64):
-                    for lat in (-lane.width_at(s), lane.width_at(s)):
-                        corners.append(lane.position(s, lat))
-        corners = np.asarray(corners)
-        margin = size / pixels_per_m
-        lo, hi = corners.min(0) - margin, corners.max(0) + margin
-        width, height = (np.ceil((hi - lo) * pixels_per_m) + 1).astype(int)
-        self.track = WorldSurface((int(width), int(height)), 0, pygame.Surface((int(width), int(height))))
-        self.track.scaling, self.track.origin = pixels_per_m, lo
-        RoadGraphics.display(road, self.track)
-        self.view = WorldSurface((size, size), 0, pygame.Surface((size, size)))
-        self.view.scaling = pixels_per_m
+    def __init__(self, road, size: int):
+        self.size = size
+        self.scale = bev.pixels_per_m(size) * SUPERSAMPLE  # map pixels per metre
+        lanes = [lane for frm in road.network.graph.values() for to in frm.values() for lane in to]
+        edges = np.asarray([lane.position(s, lat) for lane in lanes for s in np.linspace(0, lane.length, 32)
+                            for lat in (-lane.width_at(s) / 2, lane.width_at(s) / 2)])
+        margin = 2.0  # metres of off-road around the track: samples beyond the map clamp onto it
+        self.origin = edges.min(0) - margin
+        width, height = (np.ceil((edges.max(0) + margin - self.origin) * self.scale) + 1).astype(int)
+        surface = pygame.Surface((int(width), int(height)))
+        surface.fill((bev.OFF_ROAD,) * 3)
+        for lane in lanes:
+            self._draw_lane(surface, lane)
+        self.map = pygame.surfarray.array3d(surface)[:, :, 0].copy()  # indexed [x, y]
+        self._flat_map = self.map.astype(np.uint16).ravel()  # uint16: four samples sum without overflow
+        self.forward, self.left = bev.ego_frame_grid(size, SUPERSAMPLE)
+        self._forward_px = (self.forward * self.scale).astype(np.float32)
+        self._left_px = (self.left * self.scale).astype(np.float32)
+        self._ego_footprint = None
 
-    def render(self, road, ego) -> np.ndarray:
-        """uint8 ``(size, size)`` grayscale frame centred on ``ego``."""
-        view = self.view
-        view.move_display_window_to(ego.position)
-        view.fill(view.GREY)
-        dx, dy = self.track.pos2pix(*view.origin)
-        view.blit(self.track, (-dx, -dy))
-        for vehicle in road.vehicles:
-            VehicleGraphics.display(vehicle, view, offscreen=True)
-        # array3d copies (x, y, 3); a pixels3d view would keep the surface locked, and a locked
-        # surface cannot be blitted onto at the next frame
-        rgb = pygame.surfarray.array3d(view)
-        gray = np.tensordot(rgb, GRAY_WEIGHTS, axes=([2], [0])).clip(0, 255).astype(np.uint8)
-        return np.ascontiguousarray(gray.T)
+    def _pixels(self, lane, s: np.ndarray, lateral: float) -> list[tuple[float, float]]:
+        return [tuple((lane.position(si, lateral) - self.origin) * self.scale) for si in s]
+
+    def _draw_lane(self, surface, lane) -> None:
+        s = np.linspace(0.0, lane.length, max(2, int(np.ceil(lane.length / 0.5)) + 1))
+        half = lane.width_at(0) / 2
+        edges = [self._pixels(lane, s, lateral) for lateral in (-half, half)]
+        for i in range(len(s) - 1):  # quads, not one polygon: a long arc's outline is concave
+            quad = [edges[0][i], edges[0][i + 1], edges[1][i + 1], edges[1][i]]
+            pygame.draw.polygon(surface, (bev.ROAD,) * 3, quad)
+        line_width = max(1, int(round(MARKING_WIDTH_M * self.scale)))
+        for kind, lateral, points in zip(lane.line_types, (-half, half), edges):  # highway-env's order
+            if kind in _CONTINUOUS:
+                pygame.draw.lines(surface, (bev.LANE_MARKING,) * 3, False, points, line_width)
+            elif kind == _STRIPED:
+                for s0 in np.arange(0.0, lane.length, STRIPE_PERIOD_M):
+                    stripe = np.linspace(s0, min(s0 + STRIPE_LENGTH_M, lane.length), 4)
+                    pygame.draw.lines(surface, (bev.LANE_MARKING,) * 3, False,
+                                      self._pixels(lane, stripe, lateral), line_width)
+
+    def render(self, ego, vehicles) -> np.ndarray:
+        """uint8 ``(size, size)`` view from ``ego`` (``.position``, ``.heading``), with ``vehicles``
+        (each ``.position``, ``.heading``, ``.LENGTH``, ``.WIDTH``; the ego among them)."""
+        c, s = np.cos(ego.heading), np.sin(ego.heading)
+        x0, y0 = (np.asarray(ego.position) - self.origin) * self.scale
+        # the map pixel under every sub-pixel; separable in rows and columns, so two outer sums.
+        # float32 and in-place clipping: this is most of a frame's cost
+        x = np.add.outer(np.float32(x0) + self._forward_px * np.float32(c), -self._left_px * np.float32(s))
+        y = np.add.outer(np.float32(y0) + self._forward_px * np.float32(s), self._left_px * np.float32(c))
+        np.clip(x, 0, self.map.shape[0] - 1, out=x)
+        np.clip(y, 0, self.map.shape[1] - 1, out=y)
+        index = x.astype(np.int32)
+        index *= self.map.shape[1]
+        index += y.astype(np.int32)
+        view = np.take(self._flat_map, index)
+        if self._ego_footprint is None:  # the ego never moves in its own view: compute it once
+            self._ego_footprint = self._footprint(0.0, 0.0, 0.0, ego.LENGTH, ego.WIDTH)
+        rows, cols, inside = self._ego_footprint
+        view[rows, cols][inside] = bev.VEHICLE
+        for vehicle in vehicles:
+            if vehicle is not ego:
+                self._fill_vehicle(view, ego, vehicle, c, s)
+        blocks = [view[i::SUPERSAMPLE, j::SUPERSAMPLE] for i in range(SUPERSAMPLE) for j in range(SUPERSAMPLE)]
+        return ((sum(blocks) + len(blocks) // 2) // len(blocks)).astype(np.uint8)
+
+    def _fill_vehicle(self, view: np.ndarray, ego, vehicle, c: float, s: float) -> None:
+        """Paint ``vehicle``'s footprint into the sub-pixel ``view`` (``c, s``: the ego's heading)."""
+        d = np.asarray(vehicle.position, dtype=np.float64) - ego.position
+        fwd, lft = c * d[0] + s * d[1], -s * d[0] + c * d[1]  # its centre in the ego frame
+        if max(abs(fwd), abs(lft)) > bev.VIEW_SIZE_M:
+            return
+        footprint = self._footprint(fwd, lft, vehicle.heading - ego.heading, vehicle.LENGTH, vehicle.WIDTH)
+        if footprint is not None:
+            rows, cols, inside = footprint
+            view[rows, cols][inside] = bev.VEHICLE
+
+    def _footprint(self, fwd: float, lft: float, heading: float, length: float, width: float):
+        """The sub-pixels a ``length`` x ``width`` rectangle centred at (``fwd``, ``lft``) m in the
+        ego frame covers: ``(rows, cols, inside)``, slices of its bounding box and a bool mask of
+        that box; None when it lies outside the view."""
+        radius = 0.5 * np.hypot(length, width)
+        rows = np.flatnonzero(np.abs(self.forward - fwd) <= radius)
+        cols = np.flatnonzero(np.abs(self.left - lft) <= radius)
+        if rows.size == 0 or cols.size == 0:
+            return None
+        rc, rs = np.cos(heading), np.sin(heading)
+        df, dl = self.forward[rows, None] - fwd, self.left[None, cols] - lft
+        along, across = rc * df + rs * dl, -rs * df + rc * dl
+        inside = (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
+        return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), inside
 
 
 def _no_sim_observation():
@@ -96,7 +157,7 @@ def _no_sim_observation():
 
 def _highway_config(image_size: int) -> dict:
     return {
-        # the observation highway-env computes is discarded (see TopDownCamera): ask for a small one
+        # the observation highway-env computes is discarded (see BevCamera): ask for a small one
         "observation": {"type": "Kinematics", "vehicles_count": 1, "features": ["x"]},
         "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
         "other_vehicles": 0,  # we place traffic ourselves: highway-env spawns a random count
@@ -138,7 +199,7 @@ class EmbeddedDrivingEnv(gym.Env):
         self.action_space = self.action_spec.action_space()
         self._termination = TerminationRule(max_steps or route.max_steps)
         self._frame = np.zeros((obs_spec.image_size,) * 2, np.uint8)
-        self._camera: TopDownCamera | None = None  # built at the first reset, from the track
+        self._camera: BevCamera | None = None  # built at the first reset, from the track
         self._vector_index = obs_spec.vector_index
 
     # -- helpers ---------------------------------------------------------------------------
@@ -209,8 +270,8 @@ class EmbeddedDrivingEnv(gym.Env):
         self._sim.observation_type.observe = _no_sim_observation
         self._spawn_traffic(self.obs_spec.traffic)
         if self._camera is None:
-            self._camera = TopDownCamera(self._sim.road, self.obs_spec.image_size)
-        self._frame = self._camera.render(self._sim.road, self._ego)
+            self._camera = BevCamera(self._sim.road, self.obs_spec.image_size)
+        self._frame = self._camera.render(self._ego, self._sim.road.vehicles)
         self._tracker = RouteTracker(self._lap_polyline(), closed=True)
         self._termination.reset()
         state = self._tracker.reset(self._ego.position)
@@ -221,18 +282,27 @@ class EmbeddedDrivingEnv(gym.Env):
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float32).reshape(2), -1.0, 1.0)
         # highway-env's ContinuousAction takes [acceleration, steering]
-        self._sim.step(np.array([action[1], action[0]], dtype=np.float32))
-        self._frame = self._camera.render(self._sim.road, self._ego)
+        self._sim.step(np.array([self._brake_without_reversing(action[1]), action[0]], dtype=np.float32))
+        self._frame = self._camera.render(self._ego, self._sim.road.vehicles)
         state = self._tracker.update(self._ego.position)
         collision = bool(self._ego.crashed)
         off_route = (not self._ego.on_road) or abs(state.lateral) > OFF_ROUTE_M
-        reward = driving_reward(state.progress_m - self._progress, state.lateral, collision, off_route,
-                                self.reward_config)
-        self._progress = state.progress_m
         terminated, truncated, reason = self._termination(
             state.completion, collision, off_route, float(self._ego.speed))
+        reward = driving_reward(state.progress_m - self._progress, state.lateral, reason,
+                                self.route.target_speed * STEP_SECONDS, self.reward_config)
+        self._progress = state.progress_m
         obs, full = self._observe(state)
         return obs, reward, terminated, truncated, self._info(state, full, collision, off_route, reason)
+
+    def _brake_without_reversing(self, throttle: float) -> float:
+        """Throttle/brake in [-1, 1] as highway-env's acceleration command, with CARLA's brake: it
+        stops the car and holds it, where highway-env would drive on backwards. The strongest
+        braking allowed ends the step at exactly 0 m/s."""
+        if throttle >= 0:
+            return throttle
+        speed = max(float(self._ego.speed), 0.0)
+        return max(throttle, -speed / (MAX_ACCEL * STEP_SECONDS))
 
     def render(self):
         return np.repeat(self._frame[:, :, None], 3, axis=2)

@@ -50,6 +50,14 @@ class ExpertPolicy:
             self.rng = np.random.default_rng(seed)
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
+        """The expert's action plus its Gaussian ``noise``, clipped to [-1, 1]."""
+        action = self.expert_action(obs, info)
+        if self.noise > 0:
+            action = np.clip(action + self.rng.normal(0.0, self.noise, size=2), -1.0, 1.0)
+        return action.astype(np.float32)
+
+    def expert_action(self, obs: dict, info: dict) -> np.ndarray:
+        """The noise-free action in this state, float32 ``(2,)``: the label collect records."""
         state = np.asarray(info["state_vector"], dtype=np.float64)
         speed = state[0]
         path = np.concatenate([[[0.0, 0.0]], state[3:3 + 2 * N_WAYPOINTS].reshape(N_WAYPOINTS, 2)])
@@ -64,10 +72,7 @@ class ExpertPolicy:
         bend = abs(np.arctan2(path[-1, 1], path[-1, 0]))
         wanted = self.target_speed * float(np.clip(1.2 - bend, 0.6, 1.0))
         throttle = self.speed_gain * (wanted - speed)
-        action = np.array([steer, throttle], dtype=np.float64)
-        if self.noise > 0:
-            action += self.rng.normal(0.0, self.noise, size=2)
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        return np.clip([steer, throttle], -1.0, 1.0).astype(np.float32)
 
 
 class AutopilotPolicy:

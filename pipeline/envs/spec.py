@@ -31,6 +31,13 @@ INFO_KEYS: tuple[str, ...] = ("route_completion", "collision", "off_route", "spe
 #: Values of ``info["termination"]`` besides None.
 TERMINATIONS: tuple[str, ...] = ("route_done", "collision", "off_route", "stuck", "timeout")
 
+#: Cameras a backend can attach to the ego. ``bev``: the car-mounted, heading-up bird's-eye view
+#: of :mod:`pipeline.envs.bev` (both backends); ``front``: an RGB camera above the bonnet (CARLA).
+CAMERAS: tuple[str, ...] = ("bev", "front")
+#: The camera of stores and checkpoints made before the camera was part of the spec. Their frames
+#: were a world-aligned top-down map (embedded) or the front camera (CARLA), so they match neither.
+UNRECORDED_CAMERA = "unrecorded"
+
 
 def _named_vector_fields(names: tuple[str, ...] | list[str] | str | None) -> tuple[str, ...]:
     """Resolve a user's field list: None/'all' -> every field; 'speed' or 'speed,heading_error'."""
@@ -54,15 +61,19 @@ class ObsSpec:
     - ``image``: uint8 ``(frame_stack, image_size, image_size)``, grayscale, oldest frame first.
     - ``vector``: float32 ``(len(vector_fields),)``, a subset of :data:`VECTOR_FIELDS` in order.
     - ``traffic``: number of other vehicles; they appear only in the image.
+    - ``camera``: what the frames show, one of :data:`CAMERAS`.
     """
 
     vector_fields: tuple[str, ...] = VECTOR_FIELDS
     traffic: int = 0
     frame_stack: int = 4
     image_size: int = 84
+    camera: str = "bev"
 
     def __post_init__(self):
         object.__setattr__(self, "vector_fields", _named_vector_fields(self.vector_fields))
+        if self.camera not in (*CAMERAS, UNRECORDED_CAMERA):
+            raise SpecMismatchError(f"unknown camera {self.camera!r}; choose one of {', '.join(CAMERAS)}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -91,6 +102,7 @@ class ObsSpec:
             "traffic": self.traffic,
             "frame_stack": self.frame_stack,
             "image_size": self.image_size,
+            "camera": self.camera,
         }
 
     @classmethod
@@ -100,6 +112,7 @@ class ObsSpec:
             traffic=int(d.get("traffic", 0)),
             frame_stack=int(d.get("frame_stack", 4)),
             image_size=int(d.get("image_size", 84)),
+            camera=str(d.get("camera", UNRECORDED_CAMERA)),
         )
 
     def mismatch(self, other: "ObsSpec") -> list[str]:
@@ -114,6 +127,9 @@ class ObsSpec:
             details = "; ".join(
                 f"{k}: {other.to_dict()[k]!r} != {self.to_dict()[k]!r}" for k in diff
             )
+            if "camera" in diff and UNRECORDED_CAMERA in (self.camera, other.camera):
+                details += (" - made before the camera was part of the spec, when frames were a "
+                            "world-aligned map (embedded) or the front camera (CARLA); record it again")
             raise SpecMismatchError(f"{what} has a different observation spec ({details})")
 
 

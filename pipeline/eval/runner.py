@@ -29,6 +29,7 @@ from pipeline import __version__
 from pipeline.cluster import dask_client
 from pipeline.envs import Route, get_route, list_routes, make_env
 from pipeline.envs.policies import SCRIPTED_POLICIES
+from pipeline.envs.spec import CAMERAS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import LANE_HALF_WIDTH_M, MIN_KM, PENALTY, EpisodeMetrics, EpisodeTracker, summarize
 
@@ -47,6 +48,7 @@ class EvalConfig:
     seed: int | None = None  # None: the route's own evaluation seeds
     max_steps: int | None = None  # None: the route's step limit
     traffic: int | None = None  # None: the route's traffic
+    camera: str | None = None  # scripted policies' camera (None: bev); a checkpoint gets its own
     workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
     video: bool = False  # record the first episode of each policy
@@ -65,12 +67,13 @@ class EpisodeTask:
     traffic: int | None = None
     max_steps: int | None = None
     simulator: tuple[tuple[str, object], ...] = ()
+    camera: str | None = None
     record_video: bool = False
 
     @property
     def env_key(self) -> tuple:
         """The :func:`_env_for` arguments: episodes with equal keys share one env per process."""
-        return (self.route, self.vector_fields, self.traffic, self.max_steps, self.simulator)
+        return (self.route, self.vector_fields, self.traffic, self.max_steps, self.simulator, self.camera)
 
 
 def episode_seeds(route: Route, episodes: int, seed: int | None = None) -> list[int]:
@@ -94,12 +97,12 @@ def _simulator_options(route: Route, simulator) -> tuple[tuple[str, object], ...
     return tuple(sorted(dict(simulator or {}).items())) if route.backend == "carla" else ()
 
 
-def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = ()):
-    key = (route, vector_fields, traffic, max_steps, simulator)
+def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = (), camera: str | None = None):
+    key = (route, vector_fields, traffic, max_steps, simulator, camera)
     if key not in _ENVS:
         try:
             _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
-                                  **dict(simulator))
+                                  camera=camera, **dict(simulator))
         except SimulatorUnavailableError as exc:
             raise _with_embedded_routes(exc) from None
     return _ENVS[key]
@@ -178,12 +181,13 @@ def evaluate_policy(policy, routes=("racetrack",), episodes: int = 1, seed: int 
         policy = AgentPolicy(policy)
     spec = getattr(policy, "obs_spec", None)
     vector_fields = tuple(spec.vector_fields) if spec is not None else None
+    camera = _camera_of(spec)
     if traffic is None and spec is not None:
         traffic = spec.traffic
     by_route: dict[str, list[EpisodeMetrics]] = {}
     for name in ([routes] if isinstance(routes, str) else routes):
         route = get_route(name)
-        env = _env_for(route.name, vector_fields, traffic, max_steps, _simulator_options(route, simulator))
+        env = _env_for(route.name, vector_fields, traffic, max_steps, _simulator_options(route, simulator), camera)
         by_route[route.name] = [drive_episode(env, policy, s)[0] for s in episode_seeds(route, episodes, seed)]
     summary = summarize([m for ms in by_route.values() for m in ms])
     summary["by_route"] = {name: summarize(ms) for name, ms in by_route.items()}
@@ -204,12 +208,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _camera_of(spec) -> str | None:
+    """The camera an agent of ``spec`` needs; None (the default) for one made before cameras were
+    recorded, which the checkpoint policy then refuses naming both cameras."""
+    return spec.camera if spec is not None and spec.camera in CAMERAS else None
+
+
 def describe_policy(name: str) -> dict:
     """Report metadata of a policy; a checkpoint is loaded once here so a bad file fails early.
 
     ``vector_fields`` is what the policy's env must give (None: all fields)."""
     if name in SCRIPTED_POLICIES:
-        return {"label": name, "kind": "scripted", "name": name, "vector_fields": None}
+        return {"label": name, "kind": "scripted", "name": name, "vector_fields": None, "camera": None}
     from pipeline.policies import load_agent
 
     agent = load_agent(name)
@@ -222,6 +232,7 @@ def describe_policy(name: str) -> dict:
         "obs_spec": agent.obs_spec.to_dict(),
         "td3_config": asdict(agent.config),
         "vector_fields": tuple(agent.obs_spec.vector_fields),
+        "camera": _camera_of(agent.obs_spec),
     }
 
 
@@ -314,6 +325,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             for s_index, seed in enumerate(episode_seeds(route, config.episodes, config.seed)):
                 tasks.append(EpisodeTask(
                     policy=p["label"], route=route.name, seed=seed, vector_fields=p["vector_fields"],
+                    camera=p["camera"] if p["kind"] == "checkpoint" else config.camera,
                     traffic=config.traffic, max_steps=config.max_steps,
                     simulator=_simulator_options(route, config.simulator),
                     record_video=config.video and r_index == 0 and s_index == 0))
@@ -340,7 +352,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                    "seeds": {r.name: episode_seeds(r, config.episodes, config.seed) for r in routes}},
         "scoring": scoring_conventions(),
         "routes": {r.name: asdict(r) for r in routes},
-        "policies": [{k: v for k, v in p.items() if k != "vector_fields"} for p in policies],
+        "policies": [{k: v for k, v in p.items() if k not in ("vector_fields", "camera")} for p in policies],
         "summary": {},
         "episodes": [],
     }

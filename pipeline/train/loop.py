@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,7 @@ class TrainConfig:
     log_every: int = 100
     vector_fields: str | None = None  # only without --data (the dataset's spec wins)
     traffic: int | None = None
+    camera: str | None = None  # only without --data; None: bev
     resume: bool = False
     simulator: dict = field(default_factory=dict)  # backend options (CARLA host/port)
     verify: bool = True  # check each dataset chunk read against its recorded checksum
@@ -233,16 +235,30 @@ def _route_for(config: TrainConfig, store) -> str:
 def _env_for(config: TrainConfig, store, route: str):
     """Rebuild the env for ``route`` with the dataset's obs spec (or the options without data)."""
     from pipeline.envs import get_route, make_env
+    from pipeline.envs.spec import CAMERAS
 
     simulator = config.simulator if get_route(route).backend == "carla" else {}
     if store is None:
-        return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic, **simulator)
-    if config.vector_fields is not None or config.traffic is not None:
-        raise PipelineError("--vector-fields/--traffic come from the dataset when --data is given")
+        return make_env(route, vector_fields=config.vector_fields, traffic=config.traffic, camera=config.camera,
+                        **simulator)
+    if config.vector_fields is not None or config.traffic is not None or config.camera is not None:
+        raise PipelineError("--vector-fields/--traffic/--camera come from the dataset when --data is given")
     spec = store.obs_spec
-    env = make_env(route, vector_fields=spec.vector_fields, traffic=spec.traffic, **simulator)
-    spec.check_compatible(env.unwrapped.obs_spec, f"the env of route {route!r}")
+    # a store of an unrecorded camera gets the default one here, and the check below refuses it
+    camera = spec.camera if spec.camera in CAMERAS else None
+    env = make_env(route, vector_fields=spec.vector_fields, traffic=spec.traffic, camera=camera, **simulator)
+    env.unwrapped.obs_spec.check_compatible(spec, f"dataset store {store.url} (route {route!r})")
     return env
+
+
+def _warn_if_rewards_differ(store, reward: dict, online: bool) -> None:
+    """Offline returns of another reward definition next to fresh online ones: say so, once."""
+    from pipeline.envs.driving import reward_difference
+
+    difference = reward_difference(store.reward_definition, reward) if store is not None and online else None
+    if difference:
+        print(f"warning: {store.url} was recorded with another reward than the env's ({difference}); "
+              "its returns and the online ones are mixed in every batch", file=sys.stderr)
 
 
 def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +301,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                             "evaluate the checkpoints with `pipeline eval` instead")
     env = _env_for(config, store, route)
     spec = env.unwrapped.obs_spec
+    reward = env.unwrapped.reward_config.to_dict()
+    _warn_if_rewards_differ(store, reward, online)
     try:  # only now that data and env are good, so a bad command leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -306,6 +324,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
         gamma=config.gamma, device=resolve_device(config.device), prefetch=2, seed=config.seed,
         online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
+        online_reward=reward,
     )
     worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
     start_update = 0
