@@ -107,7 +107,7 @@ def test_train_streams_a_few_updates_from_s3(s3, tmp_path):
     copy_store(local_store(tmp_path, episodes=[make_episode(i, 30) for i in range(3)], spec=ObsSpec()), url)
     out, cache = tmp_path / "run", tmp_path / "chunk-cache"
     result = run("train", "--data", url, "--data-cache", cache, "--steps", "3", "--batch-size", "8",
-                 "--online-every", "0", "--out", out, "--quiet", env=s3.env(), timeout=300)
+                 "--online-mix", "0", "--out", out, "--quiet", env=s3.env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "last.pt").is_file()
     assert "3 updates" in result.stdout
