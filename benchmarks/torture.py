@@ -60,6 +60,11 @@ class Runner:
     def __init__(self, ctx, log: str):
         self.ctx, self.log = ctx, log
 
+    def last_line(self) -> str:
+        """The last line the latest child printed (its error, when it failed)."""
+        lines = Path(self.log).read_text().strip().splitlines()
+        return lines[-1][:160] if lines else "(no output)"
+
     def start(self, argv):
         process = self.ctx.Process(target=_child, args=([str(a) for a in argv], self.log))
         process.start()
@@ -161,7 +166,7 @@ def trial_collect(runner: Runner, work: Path, delay: float, data: dict) -> str |
         return failure
     resume = ["--resume"] if os.path.exists(out) else []
     if (rc := runner.run([*COLLECT, "--out", out, *resume])) != 0:
-        return f"collect {' '.join(resume)} exited {rc}"
+        return f"collect {' '.join(resume)} exited {rc}: {runner.last_line()}"
     return check_rerun(out, before, None, int(COLLECT[2]))
 
 
@@ -184,7 +189,7 @@ def trial_train(runner: Runner, work: Path, delay: float, data: dict) -> str | N
     resume = ["--resume"] if last.exists() else []
     if (rc := runner.run([*argv, *resume])) != 0:
         return (f"train {' '.join(resume) or 'rerun'} exited {rc}: "
-                f"{Path(runner.log).read_text().strip().splitlines()[-1][:160]}")
+                f"{runner.last_line()}")
     state = torch.load(last, map_location="cpu", weights_only=True)
     if state["loop"]["update"] != TRAIN_STEPS:
         return f"the run reached update {state['loop']['update']}, not {TRAIN_STEPS}"
@@ -227,7 +232,7 @@ def trial_merge(runner: Runner, work: Path, delay: float, data: dict) -> str | N
         before = []  # cut before the store was made
     resume = ["--resume"] if os.path.exists(out) else []
     if (rc := runner.run([*argv, *resume])) != 0:
-        return f"merge {' '.join(resume)} exited {rc}: {Path(runner.log).read_text().strip().splitlines()[-1][:160]}"
+        return f"merge {' '.join(resume)} exited {rc}: {runner.last_line()}"
     return check_rerun(out, before, want, len(want))
 
 

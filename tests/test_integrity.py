@@ -195,3 +195,29 @@ def test_resuming_a_merge_killed_after_its_last_commit_is_done_already(tmp_path)
     assert TransitionStore(out).attrs["checksums"] == checksums  # nothing rewritten
     with pytest.raises(StoreError, match="nothing to resume"):
         merge_stores([b, a], out, resume=True)
+
+
+@pytest.mark.parametrize("left", ["partial root document", "root group without attributes"])
+def test_resume_restarts_a_store_whose_creation_was_cut_short(tmp_path, left):
+    import zarr
+
+    a = store_of(tmp_path, "a.zarr", [episode(0, 20)])
+    b = store_of(tmp_path, "b.zarr", [episode(1, 9)])
+    for name in ("c.zarr", "m.zarr"):
+        path = tmp_path / name
+        if left == "partial root document":  # zarr writes zarr.<uuid>.partial, then renames it
+            path.mkdir()
+            (path / "zarr.0123abcd.partial").write_text('{"zarr_format": 3, "node_')
+        else:
+            zarr.open_group(str(path), mode="w").create_array("frames", shape=(0, 16, 16), dtype="uint8")
+    with EpisodeWriter(str(tmp_path / "c.zarr"), SMALL, mode="append") as writer:  # collect --resume
+        assert writer.committed_episodes == 0
+        writer.append(episode(2, 5))
+    assert TransitionStore(str(tmp_path / "c.zarr")).num_episodes == 1
+    assert merge_stores([a, b], str(tmp_path / "m.zarr"), resume=True)["episodes"] == 2
+    # a foreign folder is never taken for one
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(StoreError):
+        EpisodeWriter(str(tmp_path / "notes"), SMALL, mode="append")
+    assert (tmp_path / "notes" / "todo.txt").exists()

@@ -138,8 +138,8 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
         raise StoreError(f"{display_url(twice)} is given twice; merging a store with itself would "
                          "repeat every episode")
     exists = _exists(*_fs_path(out, None))
-    if resume and exists and interrupted_creation(out):  # killed before the store was made
-        exists, overwrite = False, True
+    cut_short = resume and exists and interrupted_creation(out)  # killed before the store was made
+    exists = exists and not cut_short
     marker = {"operation": "merge", "out": display_url(out), "sources": [display_url(u) for u in sources]}
     previous = TransitionStore(out, verify=verify, allow_unfinished=True) if resume and exists else None
     if exists and not (overwrite or resume):
@@ -168,8 +168,8 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
                              f"not the merge of these sources ({len(plan)}); choose another -o or --overwrite")
         return {"out": display_url(out), "episodes": done, "transitions": previous.num_transitions,
                 "sources": provenance, "duplicates": duplicates, "resumed": done}
-    writer = EpisodeWriter(out, stores[0].obs_spec, stores[0].action_spec, meta=_common_meta(stores),
-                           mode="append" if previous is not None else "overwrite" if overwrite else "create",
+    mode = "append" if previous is not None or cut_short else "overwrite" if overwrite else "create"
+    writer = EpisodeWriter(out, stores[0].obs_spec, stores[0].action_spec, meta=_common_meta(stores), mode=mode,
                            sources=None if previous is not None else provenance, unfinished=marker,
                            reward=stores[0].reward_definition)
     try:

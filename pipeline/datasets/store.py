@@ -725,17 +725,21 @@ class _Column:
 
 
 def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
-    """True for what a writer killed while creating a store leaves: a zarr group holding only the
-    layout's arrays and no attributes yet (they are written last), so no episode at all."""
+    """True for what a writer killed while creating a store leaves, which holds no episode: the
+    layout's arrays under a root group without attributes (they are written last), or not even
+    the root document. zarr's local writes go through ``<name>.<uuid>.partial`` files, which a
+    kill leaves behind too."""
     fs, path = _fs_path(url, storage_options)
     try:
-        root = json.loads(fs.cat_file(path.rstrip("/") + "/zarr.json"))
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+        names = {name for name in names if not name.endswith(".partial")}
+        if "zarr.json" not in names:
+            return not names  # the root document is written first: before it, only leftovers
+        root = json.loads(fs.cat_file(path.rstrip("/") + "/zarr.json"))
     except (OSError, ValueError):
         return False
-    layout = {"zarr.json", "episodes", *_DATA_ARRAYS}
-    return isinstance(root, dict) and root.get("node_type") == "group" and not root.get("attributes") \
-        and names <= layout
+    return (isinstance(root, dict) and root.get("node_type") == "group" and not root.get("attributes")
+            and names <= {"zarr.json", "episodes", *_DATA_ARRAYS})
 
 
 def remove_store(url: str, storage_options: dict | None = None) -> None:
@@ -809,10 +813,14 @@ class EpisodeWriter:
                 f"{self.url} already exists; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
-        # (a creation cut short holds no episode: appending to it starts it again)
-        cut_short = mode == "append" and exists and interrupted_creation(self.url, storage_options)
-        if exists and (mode == "overwrite" or cut_short):
+        if mode == "overwrite" and exists:
             self._delete(fs, path)
+            exists = False
+        elif mode == "append" and exists and interrupted_creation(self.url, storage_options):
+            try:  # a creation cut short holds no episode: appending to it starts it again
+                fs.rm(path, recursive=True)
+            except OSError as e:
+                raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
             exists = False
         if sources is not None and mode == "append" and exists:
             raise ValueError("sources can only be given to a new store")
