@@ -45,6 +45,12 @@ def carla_options(command):
                         help="CARLA server host [env CARLA_HOST, default localhost].")(command)
 
 
+def no_verify_option(command):
+    """``--no-verify`` for every command that reads a store's chunks (all check them by default)."""
+    return click.option("--no-verify", is_flag=True,
+                        help="Do not check each chunk read against its recorded sha256.")(command)
+
+
 def camera_option(note: str = ""):
     """``--camera`` for the commands that build an env from options; ``note`` ends its help."""
     return click.option("--camera", type=click.Choice(["bev", "front"]), default=None,
@@ -182,12 +188,13 @@ def _say_lost_servers(events: list[str]) -> None:
               help="Continue the run in --out from its last.pt, with its options; a changed learner option is refused.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@no_verify_option
 @camera_option(" Without --data only: a dataset brings its own.")
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise, warmup_steps,
           encoder_update, bc_alpha, n_step, gamma, no_augment, replay_memory, online_capacity, device, compile_,
           checkpoint_every, eval_every, eval_episodes, log_every, vector_fields, traffic, out, resume, seed, quiet,
-          camera, carla_host, carla_port):
+          no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
     \b
@@ -213,6 +220,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         augment=not no_augment, device=device, compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
         traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
+        verify=not no_verify,
     )
     summary = run_train(config, progress=not quiet)
     recent = summary["recent_return"]
@@ -252,9 +260,9 @@ def routes(backend, route_file, xodr, as_json):
         if xodr or as_json:
             raise PipelineError("--xodr and --json go with --file FILE.xml")
         from pipeline.envs import list_routes
+        from pipeline.terminal import print_routes
 
-        for r in list_routes(backend):
-            click.echo(f"{r.name:18s} {r.backend:9s} {r.length_m:7.0f} m  {r.max_steps:5d} steps  {r.description}")
+        print_routes(list_routes(backend))
         return
     from pipeline.envs.route_files import describe_route_file, route_file_lines
 
@@ -283,7 +291,8 @@ def datasets():
 @datasets.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(path, as_json):
+@no_verify_option
+def info(path, as_json, no_verify):
     """Episodes, transitions, returns, routes, policy, spec, bytes and provenance of a store.
 
     \b
@@ -292,7 +301,7 @@ def info(path, as_json):
     """
     from pipeline.datasets.store import TransitionStore
 
-    summary = TransitionStore(path).summary()
+    summary = TransitionStore(path, verify=not no_verify, allow_unfinished=True).summary()
     if as_json:
         _echo_json(summary)
         return
@@ -301,11 +310,11 @@ def info(path, as_json):
     print_summary(path, summary)
 
 
-def _copy(src: str, dst: str, overwrite: bool, quiet: bool) -> None:
+def _copy(src: str, dst: str, overwrite: bool, quiet: bool, no_verify: bool) -> None:
     from pipeline.datasets.remote import copy_store
 
     try:
-        result = copy_store(src, dst, overwrite=overwrite, progress=not quiet)
+        result = copy_store(src, dst, overwrite=overwrite, progress=not quiet, verify=not no_verify)
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to resume the copy", err=True)
         sys.exit(130)
@@ -319,7 +328,8 @@ def _copy(src: str, dst: str, overwrite: bool, quiet: bool) -> None:
 @click.argument("url")
 @click.option("--overwrite", is_flag=True, help="Replace another dataset store at URL.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def push(src, url, overwrite, quiet):
+@no_verify_option
+def push(src, url, overwrite, quiet, no_verify):
     """Copy the store SRC to URL, resumably, then verify the copy.
 
     Chunks already at URL with the same size and checksum are skipped: re-run after an
@@ -329,7 +339,7 @@ def push(src, url, overwrite, quiet):
     Example:
       pipeline datasets push runs/a.zarr s3://team-bucket/datasets/a.zarr
     """
-    _copy(src, url, overwrite, quiet)
+    _copy(src, url, overwrite, quiet, no_verify)
 
 
 @datasets.command()
@@ -337,14 +347,15 @@ def push(src, url, overwrite, quiet):
 @click.argument("dst")
 @click.option("--overwrite", is_flag=True, help="Replace another dataset store at DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def pull(url, dst, overwrite, quiet):
+@no_verify_option
+def pull(url, dst, overwrite, quiet, no_verify):
     """Copy the store at URL to DST, resumably, then verify the copy.
 
     \b
     Example:
       pipeline datasets pull s3://team-bucket/datasets/a.zarr data/a.zarr
     """
-    _copy(url, dst, overwrite, quiet)
+    _copy(url, dst, overwrite, quiet, no_verify)
 
 
 @datasets.command()
@@ -378,19 +389,27 @@ def verify(path, as_json, quiet):
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="The new merged store (path or URL).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset store already at --out.")
+@click.option("--resume", is_flag=True, help="Complete an interrupted merge into --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge(sources, out, overwrite, quiet):
+@no_verify_option
+def merge(sources, out, overwrite, resume, quiet, no_verify):
     """Concatenate stores with the same specs into a new store, recording each episode's source.
 
+    An episode found in several sources (overlapping merges, a store and its copy) is written
+    once. The output is marked unfinished until the last episode is in; --resume completes it.
+
     \b
-    Example:
+    Examples:
       pipeline datasets merge runs/alice.zarr s3://team-bucket/bob.zarr -o runs/team.zarr
+      pipeline datasets merge runs/alice.zarr s3://team-bucket/bob.zarr -o runs/team.zarr --resume
     """
     from pipeline.datasets.merge import merge_stores
+    from pipeline.datasets.report import merge_lines
 
-    result = merge_stores(list(sources), out, overwrite=overwrite, progress=not quiet)
-    click.echo(f"{result['episodes']} episodes ({result['transitions']} transitions) from "
-               f"{len(result['sources'])} source(s) in {result['out']}")
+    result = merge_stores(list(sources), out, overwrite=overwrite, resume=resume, verify=not no_verify,
+                          progress=not quiet)
+    for line in merge_lines(result):
+        click.echo(line)
 
 
 @datasets.command()
@@ -398,7 +417,8 @@ def merge(sources, out, overwrite, quiet):
 @click.option("--png", default=None, help="Also plot the statistics into this PNG file.")
 @click.option("--bins", type=int, default=20, show_default=True, help="Histogram bins.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-def stats(path, png, bins, as_json):
+@no_verify_option
+def stats(path, png, bins, as_json, no_verify):
     """Out-of-core statistics: vector mean/std per field, reward and action histograms.
 
     \b
@@ -407,7 +427,7 @@ def stats(path, png, bins, as_json):
     """
     from pipeline.datasets.stats import dataset_stats
 
-    result = dataset_stats(path, bins=bins, png=png)
+    result = dataset_stats(path, bins=bins, png=png, verify=not no_verify)
     if as_json:
         _echo_json(result)
         return
@@ -435,11 +455,12 @@ def stats(path, png, bins, as_json):
 @click.option("--out", default=None,
               help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
+@click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @camera_option(" For --policy; a checkpoint drives with the camera it was trained on.")
 @carla_options
 def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, carla_servers, out,
-          video, quiet, camera, carla_host, carla_port):
+          video, overwrite, quiet, camera, carla_host, carla_port):
     """Drive policies deterministically on fixed routes and seeds; report driving metrics.
 
     Per episode and in summary: route completion, collisions, off-route events, infractions per km,
@@ -468,7 +489,7 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
     config = EvalConfig(
         out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
         episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
-        video=video, camera=camera, simulator=_carla_kwargs(carla_host, carla_port),
+        video=video, camera=camera, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
         carla_servers=_servers(carla_servers),
     )
     report = evaluate(config, progress=not quiet)
@@ -496,6 +517,10 @@ def main():
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a mistyped option or value: one line, and where to look
+        command = exc.ctx.command_path if exc.ctx else "pipeline"
+        click.echo(f"error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

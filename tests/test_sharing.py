@@ -107,7 +107,7 @@ def test_train_streams_a_few_updates_from_s3(s3, tmp_path):
     copy_store(local_store(tmp_path, episodes=[make_episode(i, 30) for i in range(3)], spec=ObsSpec()), url)
     out, cache = tmp_path / "run", tmp_path / "chunk-cache"
     result = run("train", "--data", url, "--data-cache", cache, "--steps", "3", "--batch-size", "8",
-                 "--online-every", "0", "--out", out, "--quiet", env=s3.env(), timeout=300)
+                 "--online-mix", "0", "--out", out, "--quiet", env=s3.env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "last.pt").is_file()
     assert "3 updates" in result.stdout
@@ -281,10 +281,12 @@ def test_merge_reads_back_every_episode_bit_exactly_with_provenance(tmp_path):
     card = CliRunner().invoke(cli, ["datasets", "info", out], terminal_width=200).output
     assert "alice@box1" in card and "bob@box2" in card and "provenance" in card
 
-    # merging a merged store keeps the original sources instead of nesting them
+    # merging a merged store keeps the original sources instead of nesting them, and alice's
+    # episodes, already in it, are written once
     again = merge_stores([out, a], str(tmp_path / "again.zarr"))
     assert [s["url"] for s in again["sources"]] == [a, b]
-    assert TransitionStore(str(tmp_path / "again.zarr")).episodes["source"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert again["duplicates"] == [{"store": a, "episodes": 3, "of": out}]
+    assert TransitionStore(str(tmp_path / "again.zarr")).episodes["source"].tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_merge_of_incompatible_specs_is_refused_naming_the_fields(tmp_path):

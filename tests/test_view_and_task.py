@@ -210,8 +210,8 @@ def test_stores_without_labels_or_camera_stay_readable_and_are_refused_for_train
     assert store.expert_action is None and store.episode(0).expert_action is None
     assert store.reward_definition is None and store.obs_spec.camera == "unrecorded"
     assert run_cli("datasets", "info", old).returncode == 0
-    line = assert_one_line_error(run_cli("train", "--data", old, "--steps", 2, "--out", tmp_path / "run",
-                                         "--quiet"), "camera", "'unrecorded' != 'bev'")
+    line = assert_one_line_error(run_cli("train", "--data", old, "--steps", 2, "--batch-size", 8,
+                                         "--out", tmp_path / "run", "--quiet"), "camera", "'unrecorded' != 'bev'")
     assert "record it again" in line and not (tmp_path / "run").exists()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import itertools
 import platform
 import queue
 import sys
@@ -186,18 +187,36 @@ def _store_meta(config: CollectConfig, backend: str) -> dict:
     }
 
 
-def _pending_seeds(config: CollectConfig, writer) -> list[int]:
+_SEED_LIMIT = 2**63
+
+
+class _PendingSeeds:
+    """Seeds of the requested episodes that the store does not hold yet, in order.
+
+    Lazy, so that ``--episodes`` costs memory for the episodes recorded, not for those asked for.
+    """
+
+    def __init__(self, config: CollectConfig, done: set[int]):
+        self.wanted = range(config.seed, config.seed + config.episodes)
+        self.done = {s for s in done if s in self.wanted}
+
+    def __len__(self) -> int:
+        return len(self.wanted) - len(self.done)
+
+    def __iter__(self):
+        return (s for s in self.wanted if s not in self.done)
+
+
+def _pending_seeds(config: CollectConfig, writer) -> _PendingSeeds:
     """Seeds of the requested episodes that the store does not hold yet (all of them when new)."""
     from pipeline.datasets.store import TransitionStore
 
-    wanted = [config.seed + i for i in range(config.episodes)]
     if writer.committed_episodes == 0:
-        return wanted
-    done = set(TransitionStore(config.out).episodes["seed"].tolist())
-    return [s for s in wanted if s not in done]
+        return _PendingSeeds(config, set())
+    return _PendingSeeds(config, set(TransitionStore(config.out).episodes["seed"].tolist()))
 
 
-def _episodes_local(config: CollectConfig, seeds: list[int], stop: threading.Event):
+def _episodes_local(config: CollectConfig, seeds, stop: threading.Event):
     for seed in seeds:
         if stop.is_set():
             return
@@ -207,14 +226,21 @@ def _episodes_local(config: CollectConfig, seeds: list[int], stop: threading.Eve
 def _episodes_on(client):
     """Episodes run on a dask cluster, yielded as they finish (in any order)."""
 
-    def episodes(config: CollectConfig, seeds: list[int], stop: threading.Event):
+    def episodes(config: CollectConfig, seeds, stop: threading.Event):
         from dask.distributed import as_completed
 
-        futures = client.map(run_episode, [config] * len(seeds), seeds, pure=False)
-        for future in as_completed(futures):
+        # A window of episodes in flight, topped up as they finish: the scheduler holds a few
+        # tasks per worker rather than one per requested episode.
+        pending = iter(seeds)
+        window = max(4 * sum(client.nthreads().values()), 8)
+        running = as_completed([client.submit(run_episode, config, seed, pure=False)
+                                for seed in itertools.islice(pending, window)])
+        for future in running:
             if stop.is_set():
                 break
             yield future.result()
+            for seed in itertools.islice(pending, 1):
+                running.add(client.submit(run_episode, config, seed, pure=False))
 
     return episodes
 
@@ -260,8 +286,18 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
 
     if config.episodes <= 0:
         raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
+    if config.seed < 0 or config.seed + config.episodes > _SEED_LIMIT:
+        # episodes/seed is int64 (and env seeds must be non-negative): larger ones cannot be recorded
+        raise PipelineError(f"--seed {config.seed} with --episodes {config.episodes} leaves the seed range "
+                            f"[0, 2**63); ask for fewer episodes")
     if config.workers < 0:
         raise PipelineError(f"--workers must be >= 0, got {config.workers}")
+    if config.noise < 0:
+        raise PipelineError(f"--noise is a standard deviation: 0 or more, got {config.noise}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise PipelineError(f"--max-steps must be at least 1, got {config.max_steps}")
+    if config.traffic is not None and config.traffic < 0:
+        raise PipelineError(f"--traffic must be 0 or more, got {config.traffic}")
     routes = resolve_routes(config.route)
     route = routes[0]
     spec = obs_spec_for(route, config.vector_fields, config.traffic, config.camera)
@@ -356,10 +392,14 @@ class _progress_bar:
     def __enter__(self):
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.table import Column
 
+            # The bar takes the room the figures leave (ratio=1): at 80 columns it shrinks and
+            # the counts, rate and return stay whole.
             self._progress = Progress(
-                TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
-                TextColumn("{task.fields[sps]:7.0f} steps/s  mean return {task.fields[ret]:7.2f}"),
+                TextColumn("[bold]collect"), BarColumn(bar_width=None, table_column=Column(ratio=1)),
+                MofNCompleteColumn(), TextColumn("episodes"),
+                TextColumn("{task.fields[sps]:5.0f} steps/s  return {task.fields[ret]:6.2f}"),
                 TimeRemainingColumn(), transient=False,
             )
             self._progress.start()

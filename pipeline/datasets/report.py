@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.terminal import print_fitted
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -36,14 +38,13 @@ def print_summary(path: str, summary: dict, console: Console | None = None) -> N
     table = Table(title=path, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    nan = float("nan")
     rows = [
         ("episodes", f"{summary['episodes']}"),
         ("transitions", f"{summary['transitions']}"),
         ("frames", f"{summary.get('frames', '')}"),
-        ("return mean / min / max", f"{summary.get('return_mean', nan):.2f} / {summary.get('return_min', nan):.2f}"
-                                    f" / {summary.get('return_max', nan):.2f}"),
-        ("mean length", f"{summary.get('length_mean', nan):.1f} steps"),
+        ("return mean / min / max", " / ".join(_number(summary.get(k), ".2f")
+                                               for k in ("return_mean", "return_min", "return_max"))),
+        ("mean length", f"{_number(summary.get('length_mean'), '.1f')} steps"),
         ("endings", ", ".join(f"{k or 'none'}: {v}" for k, v in summary.get("terminations", {}).items())),
         ("routes", ", ".join(f"{name} ({count} episodes)" for name, count in summary.get("routes", {}).items())),
         ("policy", _policy(summary.get("meta") or {}) or ("see provenance" if summary.get("sources") else "unknown")),
@@ -52,16 +53,23 @@ def print_summary(path: str, summary: dict, console: Console | None = None) -> N
         ("expert labels", f"{summary['labelled_transitions']} transitions"
                           if summary.get("labelled_transitions") is not None else "none (format 1)"),
         ("bytes stored", _fmt_bytes(summary.get("bytes_stored", 0))),
-        ("bytes per transition", f"{summary.get('bytes_per_transition', 0):.0f}"),
+        ("bytes per transition", _number(summary.get("bytes_per_transition"), ".0f")),
         ("created", str(summary.get("created", ""))),
         ("software version", str(summary.get("software_version", ""))),
     ]
     rows += _card_rows(summary)
+    if summary.get("unfinished"):  # first, in red: this store is not whole
+        rows.insert(0, ("[red]unfinished merge[/red]", summary["unfinished"]))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
     if summary.get("sources"):
         console.print(_sources_table(summary))
+
+
+def _number(value, spec: str) -> str:
+    """``value`` formatted, or "-" where there is none (a store with no committed episode)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _who(meta: dict) -> str:
@@ -137,15 +145,18 @@ def print_stats(stats: dict, console: Console | None = None) -> None:
     for name, mean, std, bad in zip(v["fields"], v["mean"], v["std"], v["nonfinite"]):
         fields.add_row(name, f"{mean:.4g}", f"{std:.4g}", str(bad))
     console.print(fields)
+    # one row per quantity, in as many tables as fit: at 80 columns no value is wrapped or cut
     r, a = stats["reward"], stats["action"]
-    console.print(f"reward: mean {r['mean']:.4g}, std {r['std']:.4g}, min {r['min']:.4g}, max {r['max']:.4g}")
-    console.print(f"reward histogram: {_sparkline(r['hist']['counts'])}  [{r['min']:.3g}, {r['max']:.3g}]")
-    for j, name in enumerate(a["fields"]):
-        console.print(f"action {name}: mean {a['mean'][j]:.3g}, std {a['std'][j]:.3g}, "
-                      f"{_sparkline(a['hist'][j]['counts'])}  [-1, 1], {a['outside'][j]} outside")
-    for key in ("return", "length"):
-        d = stats[key]
-        console.print(f"episode {key}: mean {d['mean']:.4g}, std {d['std']:.4g}, min {d['min']:.4g}, max {d['max']:.4g}")
+    rows = [["reward", *(f"{r[k]:.4g}" for k in ("mean", "std", "min", "max")),
+             _sparkline(r["hist"]["counts"]), f"[{r['min']:.3g}, {r['max']:.3g}]"]]
+    rows += [[f"action {name}", f"{a['mean'][j]:.3g}", f"{a['std'][j]:.3g}", "", "",
+              _sparkline(a["hist"][j]["counts"]), f"[-1, 1], {a['outside'][j]} outside"]
+             for j, name in enumerate(a["fields"])]
+    rows += [[f"episode {key}", *(f"{stats[key][k]:.4g}" for k in ("mean", "std", "min", "max")), "", ""]
+             for key in ("return", "length")]
+    columns = [("", "left"), *((name, "right") for name in ("mean", "std", "min", "max")),
+               ("histogram", "left"), ("histogram range", "left")]
+    print_fitted(console, "values", columns, rows)
     if stats.get("png"):
         console.print(f"plot: {stats['png']}")
 
@@ -154,3 +165,14 @@ def _sparkline(counts: list[int]) -> str:
     blocks = " ▁▂▃▄▅▆▇█"
     top = max(counts) or 1
     return "".join(blocks[round(c / top * (len(blocks) - 1))] for c in counts)
+
+
+def merge_lines(result: dict) -> list[str]:
+    """What a :func:`~pipeline.datasets.merge.merge_stores` result says: the merged store, and
+    one line per source that repeated episodes of another (written once)."""
+    lines = [f"{d['store']} repeats {d['episodes']} episode(s) already taken from {d['of']}: "
+             "written once (deduplicated)"
+             for d in result["duplicates"]]
+    resumed = f", resumed after {result['resumed']}" if result.get("resumed") is not None else ""
+    return lines + [f"{result['episodes']} episodes ({result['transitions']} transitions) from "
+                    f"{len(result['sources'])} source(s) in {result['out']}{resumed}"]

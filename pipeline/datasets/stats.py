@@ -33,7 +33,7 @@ def _describe(values: np.ndarray) -> dict | None:
 
 
 def dataset_stats(url: str, *, bins: int = 20, png: str | None = None, storage_options: dict | None = None,
-                  cache: str | None = None) -> dict:
+                  cache: str | None = None, verify: bool = True) -> dict:
     """Statistics of the committed data of the store at ``url`` (a JSON-able dict).
 
     - ``vector``: per field (``fields``) ``mean``, ``std`` (float64 accumulation) and ``nonfinite``
@@ -43,14 +43,15 @@ def dataset_stats(url: str, *, bins: int = 20, png: str | None = None, storage_o
       (``outside`` counts values beyond it);
     - ``terminated``/``truncated`` counts, episode ``return`` and ``length`` summaries.
 
-    With ``png`` a figure of the three is written there.
+    With ``png`` a figure of the three is written there. ``verify``: check every chunk read
+    against its recorded checksum (a damaged chunk stops the statistics with a StoreError).
     """
     import dask
     import dask.array as da
 
     if bins < 1:
         raise PipelineError(f"--bins must be positive, got {bins}")
-    store = TransitionStore(url, storage_options, cache)
+    store = TransitionStore(url, storage_options, cache, verify=verify)
     n, o = store.num_transitions, store.num_observations
     vector = _lazy(store.vector, o).astype(np.float64)
     action = _lazy(store.action, n).astype(np.float64)
@@ -101,6 +102,10 @@ def write_png(stats: dict, path: str) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if path.is_dir():  # a folder: the plot goes into it, and the message names the file
+        path = path / "stats.png"
+    elif not path.suffix:  # matplotlib would add ".png" itself, and the message would miss it
+        path = path.with_suffix(".png")
     fig, (ax_v, ax_r, ax_a) = plt.subplots(3, 1, figsize=(10, 10), constrained_layout=True)
     v = stats["vector"]
     x = np.arange(len(v["fields"]))

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import posixpath
 import re
 import uuid
 from datetime import datetime, timezone
@@ -107,11 +108,12 @@ _DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "
 #: The only attrs keys a store may hold: anything else is refused as not data we know.
 ATTRS_KEYS = frozenset({
     "format", "format_version", "id", "obs_spec", "action_spec", "routes", "meta", "software_version",
-    "created", "committed_episodes", "appends", "checksums", "sources", "reward",
+    "created", "committed_episodes", "appends", "checksums", "sources", "reward", "unfinished",
 })
 # Plain zarr v3 codecs; a store naming any other codec (e.g. numcodecs' pickle) is refused.
 _SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
 CHECKSUM_ALGORITHM = "sha256"
+_INLINE_HASH_BYTES = 256 << 10  # sha256 runs at ~700 MB/s here (SHA-NI)
 _CHUNK_KEY = re.compile(r"(^|/)c/[0-9/]+$")
 
 
@@ -225,6 +227,57 @@ class _ChecksumStore(WrapperStore):
             self.checksums[key] = checksum(value.as_numpy_array())
 
 
+class _VerifyingStore(WrapperStore):
+    """Checks every chunk object read through it against its recorded checksum, before zarr
+    decodes it, so a reader never computes on damaged or missing data.
+
+    Left unarmed (``checksums`` None) while the group's metadata is opened; :meth:`arm` gives it
+    the recorded checksums. A chunk that is gone, has no checksum, or whose bytes differ raises a
+    one-line :class:`StoreError` naming the array, the chunk and the store. ``tolerated`` are the
+    chunks holding a committed end *and* rows past it: a writer that is open or died mid-append
+    rewrites them after their checksum (see the module doc), so a mismatch there is not damage.
+    """
+
+    def __init__(self, store, url: str, state: dict | None = None):
+        super().__init__(store)
+        self.url = url
+        # shared with the copies zarr makes of the store (read-only views, ...)
+        self.state = {"checksums": None, "tolerated": frozenset()} if state is None else state
+
+    def _with_store(self, store) -> "_VerifyingStore":
+        return type(self)(store, self.url, self.state)
+
+    def arm(self, checksums: dict[str, str], tolerated=frozenset()) -> None:
+        self.state.update(checksums=checksums, tolerated=frozenset(tolerated))
+
+    def tolerate(self, keys) -> None:
+        self.state["tolerated"] = self.state["tolerated"] | frozenset(keys)
+
+    def _fail(self, key: str, what: str) -> StoreError:
+        array, _, index = key.partition("/c/")
+        return StoreError(f"{self.url}: chunk {index.split('/')[0]} of array {array} ({key}) {what}; "
+                          f"see `pipeline datasets verify {self.url}`, or pass --no-verify to read it anyway")
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        checksums = self.state["checksums"]
+        if checksums is None or byte_range is not None or not is_chunk_key(key):
+            return value
+        digest = checksums.get(key)
+        if value is None:
+            raise self._fail(key, "is missing")
+        if digest is None:
+            raise self._fail(key, "has no recorded checksum")
+        if key not in self.state["tolerated"]:
+            data = value.as_numpy_array()
+            # hashlib releases the GIL: a big chunk is hashed in a thread, overlapping the other
+            # chunks' decoding; below ~0.3 ms of hashing the thread hand-off costs more than it saves.
+            found = await asyncio.to_thread(checksum, data) if data.nbytes > _INLINE_HASH_BYTES else checksum(data)
+            if found != digest:
+                raise self._fail(key, "does not match its recorded sha256 (corrupt)")
+        return value
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 
@@ -261,7 +314,7 @@ def check_data_only(url: str, group: zarr.Group) -> None:
                          "a dataset store holds only its known attributes")
     try:
         members = list(group.members(max_depth=None))
-    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{url} has an array zarr cannot open: {_reason(e)}") from None
     for name, member in members:
         if dict(member.attrs):
@@ -294,6 +347,8 @@ def _open_group(url: str, storage_options: dict | None, read_only: bool, store=N
         group = zarr.open_group(
             store or _zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
         )
+    except (TypeError, AttributeError):  # JSON, but not a metadata document (say [1, 2, 3])
+        raise StoreError(f"{url} is not a readable zarr group: its zarr.json is not zarr metadata") from None
     except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
         raise StoreError(f"{url} is not a readable zarr group: {_reason(e)}") from None
     _check_format(url, dict(group.attrs))
@@ -315,37 +370,109 @@ def committed_ends(table: dict[str, np.ndarray], frame_stack: int) -> dict[str, 
     return ends
 
 
-def _read_table(group: zarr.Group, n: int) -> dict[str, np.ndarray]:
+def _arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """Every array of the store by path (``frames``, ``episodes/length``): one concurrent round
+    of metadata reads, instead of one read per ``group[name]``."""
+    return {name: member for name, member in group.members(max_depth=None) if isinstance(member, zarr.Array)}
+
+
+def _read_table(arrays: dict[str, zarr.Array], n: int) -> dict[str, np.ndarray]:
     table = {}
     for name, dtype in _EPISODE_COLUMNS.items():
-        if name == "source" and name not in group["episodes"]:
+        if name == "source" and f"episodes/{name}" not in arrays:
             table[name] = np.full(n, -1, dtype)  # written before stores recorded provenance
         else:
-            table[name] = np.asarray(group["episodes"][name][:n])
+            table[name] = np.asarray(arrays[f"episodes/{name}"][:n])
     return table
 
 
-def data_arrays(group: zarr.Group) -> tuple[str, ...]:
-    """The data arrays ``group`` holds: all of them, less the optional ones an older store lacks."""
-    return tuple(name for name in _DATA_ARRAYS if name not in _OPTIONAL_ARRAYS or name in group)
+def table_problems(table: dict[str, np.ndarray], attrs: dict, k: int) -> list[tuple[str, str]]:
+    """``(column, message)`` for each way the episodes ``table`` fails to tile the data arrays
+    (offsets must follow from the lengths) or indexes an unknown route, termination or source."""
+    found = []
+    length = table["length"].astype(np.int64)
+    if len(length) and length.min() < 0:
+        found.append(("episodes/length", "negative episode length"))
+    for column, per_episode in (("frame_offset", k + length), ("obs_offset", length + 1),
+                                ("step_offset", length)):
+        expected = np.concatenate([[0], np.cumsum(per_episode)[:-1]]).astype(np.int64)[: len(length)]
+        bad = np.flatnonzero(table[column] != expected)
+        if len(bad):
+            i = bad[0]
+            found.append((f"episodes/{column}", f"episode {i} starts at {table[column][i]}, expected {expected[i]}"))
+    for column, count, low in (("route", len(attrs.get("routes", [])), 0),
+                               ("termination", len(TERMINATION_NAMES), 0),
+                               ("source", len(attrs.get("sources", [])), -1)):
+        bad = np.flatnonzero((table[column] < low) | (table[column] >= count))
+        if len(bad):
+            i = bad[0]
+            found.append((f"episodes/{column}",
+                          f"episode {i} has {column} index {table[column][i]}, outside the {count} known"))
+    return found
 
 
-def _committed(url: str, group: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The committed rows of the episodes table, and the rows of each data array they occupy."""
-    n = int(group.attrs.get("committed_episodes", 0))
-    names = data_arrays(group)
+def _tail_chunks(arrays: dict[str, zarr.Array], ends: dict[str, int]) -> set[str]:
+    """Keys of the chunks holding both the committed end of an array and rows past it."""
+    keys = set()
+    for name, end in ends.items():
+        array = arrays.get(name)
+        if array is not None and array.shape[0] > end and end % array.chunks[0]:
+            keys.add(chunk_key(array, end // array.chunks[0]))
+    return keys
+
+
+def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, zarr.Array]]:
+    """The committed rows of the episodes table, the rows of each data array they occupy, and
+    the store's arrays by path.
+
+    Refuses (:class:`StoreError`) a table that is short, unreadable or does not agree with the
+    data arrays, so no reader computes on a damaged table. ``verifier`` (the group's
+    :class:`_VerifyingStore`) is told which tail chunks may differ from their checksums.
+    """
+    n = group.attrs.get("committed_episodes", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise StoreError(f"{url} is corrupt: committed_episodes is {n!r}, not a count")
+    k = int(group.attrs["obs_spec"]["frame_stack"])
     try:
-        table = _read_table(group, n)
-        lengths = {name: group[name].shape[0] for name in names}
+        arrays = _arrays(group)
+        columns = {f"episodes/{name}": n for name in _EPISODE_COLUMNS}
+        if verifier is not None:
+            verifier.tolerate(_tail_chunks(arrays, columns))
+        table = _read_table(arrays, n)
     except KeyError as e:
         raise StoreError(f"{url} is corrupt: missing array {e}") from None
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged chunk read unverified may fail in any codec
+        raise StoreError(f"{url}: cannot read the episodes table ({_reason(e)})") from None
     if any(len(column) < n for column in table.values()):
         raise StoreError(f"{url} is corrupt: the episodes table has fewer than {n} committed rows")
-    ends = committed_ends(table, int(group.attrs["obs_spec"]["frame_stack"]))
-    short = [name for name in names if lengths[name] < ends[name]]
-    if short:
-        raise StoreError(f"{url} is corrupt: {short[0]} is shorter than its committed episodes")
-    return table, ends
+    problems = table_problems(table, dict(group.attrs), k)
+    if problems:
+        where, message = problems[0]
+        raise StoreError(f"{url} is corrupt: {where}: {message} (the episodes table does not agree "
+                         f"with the arrays; see `pipeline datasets verify {url}`)")
+    ends = committed_ends(table, k)
+    for name, end in ends.items():
+        array = arrays.get(name)
+        if array is None and name in _OPTIONAL_ARRAYS:
+            continue  # (expert_action, which format-1 stores lack)
+        if array is None:
+            raise StoreError(f"{url} is corrupt: missing array {name}")
+        if array.shape[0] < end:
+            raise StoreError(f"{url} is corrupt: {name} has {array.shape[0]} rows, its committed "
+                             f"episodes need {end}")
+    if verifier is not None:
+        verifier.tolerate(_tail_chunks(arrays, ends))
+    return table, ends, arrays
+
+
+def unfinished_line(marker: dict) -> str:
+    """What an interrupted merge's marker says, and the command that completes it."""
+    sources = " ".join(marker.get("sources", []))
+    return (f"stopped before its {marker.get('episodes')} episodes were all written; complete it with "
+            f"`pipeline datasets merge {sources} -o {marker.get('out')} --resume` or replace it with --overwrite")
 
 
 class TransitionStore:
@@ -356,36 +483,60 @@ class TransitionStore:
     (an append in progress, or a crashed one): index them through the episode offsets.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None, cache: str | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, cache: str | None = None,
+                 verify: bool = True, allow_unfinished: bool = False):
         """``url``: a path or any fsspec URL (``s3://bucket/a.zarr``; chained ones such as
         ``simplecache::s3://...`` too). ``cache``: a local folder keeping a copy of every chunk
         read, keyed by its checksum, so a second run reads a remote store from disk and a chunk
-        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``)."""
+        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``).
+
+        ``verify``: check every chunk read (the episodes table, and whatever is read from the
+        arrays later) against its recorded sha256 as it is fetched; a missing or damaged chunk
+        raises :class:`StoreError` instead of reading as zeros or garbage. ``allow_unfinished``:
+        open a store an interrupted ``datasets merge`` left (refused by default: it is not whole).
+        """
         self.url = str(url)
         store = None
         if cache is not None:
             from pipeline.datasets.remote import ChunkCacheStore
 
             store = ChunkCacheStore(_zarr_store(self.url, storage_options, True), cache)
+        verifier = None
+        if verify:
+            store = verifier = _VerifyingStore(store or _zarr_store(self.url, storage_options, True), self.url)
         self.group = _open_group(self.url, storage_options, read_only=True, store=store)
         self.attrs: dict = dict(self.group.attrs)
-        if store is not None:
-            store.checksums = dict((self.attrs.get("checksums") or {}).get("chunks", {}))
+        recorded = self.attrs.get("checksums") or {}
+        chunks = recorded.get("chunks") if recorded.get("algorithm") == CHECKSUM_ALGORITHM else None
+        if verify and not isinstance(chunks, dict):
+            raise StoreError(f"{self.url} records no {CHECKSUM_ALGORITHM} chunk checksums; "
+                             "pass --no-verify to read it unverified")
+        if cache is not None:
+            (store._store if verify else store).checksums = dict(chunks or {})
+        if verifier is not None:
+            verifier.arm(dict(chunks))
+        #: An interrupted ``datasets merge``: what it was doing (None for a whole store).
+        self.unfinished: dict | None = self.attrs.get("unfinished")
+        if self.unfinished and not allow_unfinished:
+            raise StoreError(f"{self.url} is an unfinished merge ({unfinished_line(self.unfinished)})")
         self.meta: dict = dict(self.attrs.get("meta") or {})
         self.routes: list[str] = list(self.attrs.get("routes", []))
         #: Merged stores: where each source came from (``episodes["source"]`` indexes this).
         self.sources: list[dict] = list(self.attrs.get("sources", []))
-        self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
-        self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
-        self.episodes, ends = _committed(self.url, self.group)
-        self.frames: zarr.Array = self.group["frames"]
-        self.vector: zarr.Array = self.group["vector"]
-        self.action: zarr.Array = self.group["action"]
-        self.reward: zarr.Array = self.group["reward"]
-        self.terminated: zarr.Array = self.group["terminated"]
-        self.truncated: zarr.Array = self.group["truncated"]
+        try:
+            self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
+            self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"{self.url} has an invalid observation/action spec ({_reason(e)})") from None
+        self.episodes, ends, arrays = _committed(self.url, self.group, verifier)
+        self.frames: zarr.Array = arrays["frames"]
+        self.vector: zarr.Array = arrays["vector"]
+        self.action: zarr.Array = arrays["action"]
+        self.reward: zarr.Array = arrays["reward"]
+        self.terminated: zarr.Array = arrays["terminated"]
+        self.truncated: zarr.Array = arrays["truncated"]
         #: The expert's labels (float32 (N, 2), NaN where none), or None in a format-1 store.
-        self.expert_action: zarr.Array | None = self.group["expert_action"] if "expert_action" in self.group else None
+        self.expert_action: zarr.Array | None = arrays.get("expert_action")
         #: The recorded reward definition (``RewardConfig.to_dict()``), None in a format-1 store.
         self.reward_definition: dict | None = self.attrs.get("reward")
         self.num_episodes = len(self.episodes["length"])
@@ -509,6 +660,7 @@ class TransitionStore:
                 for j, source in enumerate(self.sources)
             ],
             "recorded_here": int(np.sum(self.episodes["source"] < 0)),
+            "unfinished": unfinished_line(self.unfinished) if self.unfinished else None,
         }
 
 
@@ -572,6 +724,35 @@ class _Column:
         return chunk_key(self.array, self.end // self.chunk)
 
 
+def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
+    """True for what a writer killed while creating a store leaves, which holds no episode: the
+    layout's arrays under a root group without attributes (they are written last), or not even
+    the root document. zarr's local writes go through ``<name>.<uuid>.partial`` files, which a
+    kill leaves behind too."""
+    fs, path = _fs_path(url, storage_options)
+    try:
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+        names = {name for name in names if not name.endswith(".partial")}
+        if "zarr.json" not in names:
+            return not names  # the root document is written first: before it, only leftovers
+        root = json.loads(fs.cat_file(path.rstrip("/") + "/zarr.json"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(root, dict) and root.get("node_type") == "group" and not root.get("attributes")
+            and names <= {"zarr.json", "episodes", *_DATA_ARRAYS})
+
+
+def remove_store(url: str, storage_options: dict | None = None) -> None:
+    """Delete the zarr store at ``url`` (nothing happens where there is none)."""
+    fs, path = _fs_path(url, storage_options)
+    if not _has_zarr_metadata(fs, path):
+        return
+    try:
+        fs.rm(path, recursive=True)
+    except OSError as e:
+        raise StoreError(f"cannot delete {url}: {_reason(e)}") from None
+
+
 def _gather(*coroutines) -> None:
     """Run zarr writes concurrently on zarr's event loop: encoding and I/O of arrays overlap."""
 
@@ -617,6 +798,7 @@ class EpisodeWriter:
         storage_options: dict | None = None,
         sources: list[dict] | None = None,
         reward: dict | None = None,
+        unfinished: dict | None = None,
     ):
         if mode not in ("create", "append", "overwrite"):
             raise ValueError(f"mode must be 'create', 'append' or 'overwrite', not {mode!r}")
@@ -633,10 +815,18 @@ class EpisodeWriter:
             )
         if mode == "overwrite" and exists:
             self._delete(fs, path)
+            exists = False
+        elif mode == "append" and exists and interrupted_creation(self.url, storage_options):
+            try:  # a creation cut short holds no episode: appending to it starts it again
+                fs.rm(path, recursive=True)
+            except OSError as e:
+                raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
+            exists = False
         if sources is not None and mode == "append" and exists:
             raise ValueError("sources can only be given to a new store")
         # Every chunk written or deleted goes through this store, which keeps the checksums.
         self._store = _ChecksumStore(_zarr_store(self.url, storage_options, False))
+        self._unfinished = _json_meta(unfinished) if unfinished else None
         try:
             if mode == "append" and exists:
                 self.group = self._open_for_append(meta)
@@ -654,10 +844,7 @@ class EpisodeWriter:
         # Only ever delete a zarr store: a mistyped --out must not wipe an unrelated directory.
         if not _has_zarr_metadata(fs, path):
             raise StoreError(f"refusing to overwrite {self.url}: it exists and is not a zarr store")
-        try:
-            fs.rm(path, recursive=True)
-        except OSError as e:
-            raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
+        remove_store(self.url, self.storage_options)
 
     def _create(self, meta: dict, sources: list[dict]) -> zarr.Group:
         group = zarr.open_group(self._store, mode="w-")
@@ -702,6 +889,9 @@ class EpisodeWriter:
                 "checksums": self._checksums_attr(),
                 "sources": sources,
                 "reward": self.reward,
+                # A store filled from others (merge) is marked unfinished in the same document
+                # that makes it a dataset, until finish() clears the mark.
+                **({"unfinished": self._unfinished} if self._unfinished else {}),
             }
         )
         self._columns = {name: _Column(group[name], 0) for name in _DATA_ARRAYS}
@@ -712,6 +902,8 @@ class EpisodeWriter:
     def _open_for_append(self, meta: dict) -> zarr.Group:
         group = _open_group(self.url, self.storage_options, read_only=False, store=self._store)
         attrs = dict(group.attrs)
+        if attrs.get("unfinished") and attrs["unfinished"] != self._unfinished:
+            raise StoreError(f"{self.url} is an unfinished merge ({unfinished_line(attrs['unfinished'])})")
         self._store.checksums.update((attrs.get("checksums") or {}).get("chunks", {}))
         stored = ObsSpec.from_dict(attrs["obs_spec"])
         self.obs_spec.check_compatible(stored, f"dataset store {self.url}")
@@ -730,7 +922,7 @@ class EpisodeWriter:
         if "expert_action" not in group:
             raise StoreError(f"dataset store {self.url} is format {attrs.get('format_version')}; "
                              f"record into a new store to append (this pipeline writes format {FORMAT_VERSION})")
-        table, ends = _committed(self.url, group)
+        table, ends, _ = _committed(self.url, group)
         self._committed = len(table["length"])
         if "source" not in group["episodes"]:  # a store from before provenance was recorded
             column = group["episodes"].create_array(
@@ -876,6 +1068,14 @@ class EpisodeWriter:
 
     def _trim(self) -> None:
         _gather(*(column.trim() for column in (*self._columns.values(), *self._table.values())))
+
+    def finish(self) -> None:
+        """Clear the store's unfinished mark (given at creation): all its episodes are written."""
+        if "unfinished" in self.group.attrs:
+            try:
+                del self.group.attrs["unfinished"]
+            except OSError as e:
+                raise StoreError(f"cannot finish {self.url}: {_reason(e)}") from None
 
     def close(self) -> None:
         """Cut the arrays to their committed lengths and refuse further appends.

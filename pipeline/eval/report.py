@@ -102,7 +102,8 @@ def plot_summary(report: dict, path: Path) -> None:
         ax.set_ylim(0, 105)
     axes.flat[0].legend(fontsize="small")
     episodes = report["config"]["episodes"]
-    fig.suptitle(f"pipeline eval: {episodes} episode(s) per policy and route (bars: mean, whiskers: std)")
+    # two short lines: one long line was wider than a one-route figure and lost both ends
+    fig.suptitle(f"pipeline eval: {episodes} episode(s) per policy and route\nbars: mean, whiskers: std")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -125,31 +126,33 @@ def write_video(frames: np.ndarray, stem: Path, fps: float) -> Path:
 def print_table(report: dict, console=None) -> None:
     """One row per policy and route (plus an all-routes row per policy when there are several)."""
     from rich.console import Console
-    from rich.table import Table
+
+    from pipeline.terminal import print_fitted
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes get the whole table, not an 80-column squeeze
             console = Console(width=200)
-    table = Table(title="evaluation (means over episodes; counts are totals)", title_justify="left")
-    for name in ("policy", "route", "eps", "RC %", "DS", "penalty", "collisions", "off-route", "infr/km",
-                 "return", "steps", "m/s", "endings"):
-        table.add_column(name, justify="left" if name in ("policy", "route", "endings") else "right",
-                         no_wrap=name != "endings")
+    columns = [(name, "left" if name in ("policy", "route", "endings") else "right")
+               for name in ("policy", "route", "eps", "RC %", "DS", "penalty", "collisions", "off-route",
+                            "infr/km", "return", "steps", "m/s", "endings")]
     many_routes = len(report["routes"]) > 1
     short = short_labels(report["summary"])
+    rows, sections = [], []
     for label, summaries in report["summary"].items():
-        rows = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
-        for route, s in rows:
-            table.add_row(
+        by_route = list(summaries["by_route"].items()) + ([("all", summaries["overall"])] if many_routes else [])
+        for route, s in by_route:
+            rows.append([
                 short[label], display_route(route), str(s["episodes"]),
                 f"{s['route_completion']:.1f}", f"{s['driving_score']:.1f}", f"{s['infraction_penalty']:.2f}",
                 str(s["collisions"]), str(s["off_route_events"]), f"{s['infractions_per_km']:.2f}",
                 f"{s['episode_return']:.2f}", f"{s['length']:.0f}", f"{s['mean_speed']:.1f}",
                 ", ".join(f"{k} {v}" for k, v in s["terminations"].items()),
-                end_section=route == "all" or (not many_routes),
-            )
-    console.print(table)
+            ])
+            sections.append(route == "all" or not many_routes)
+    # at 80 columns the 13 columns split into tables that repeat policy and route
+    print_fitted(console, "evaluation (means over episodes; counts are totals)", columns, rows, keep=2,
+                 sections=sections)
     if many_routes or any(r.get("backend") == "carla" for r in report["routes"].values()):
         print_leaderboard(report, console)
 

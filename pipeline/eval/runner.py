@@ -56,6 +56,7 @@ class EvalConfig:
     video: bool = False  # record the first episode of each policy
     simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
     carla_servers: tuple[tuple[str, int], ...] = ()  # one CARLA server per dask worker (host, port)
+    overwrite: bool = False  # replace a report already in ``out``
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler "
                             "or give one server per worker with --carla-servers")
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
+    if (Path(config.out) / "report.json").exists() and not config.overwrite:
+        raise PipelineError(f"{config.out} already holds an evaluation report; pass --overwrite to "
+                            "replace it, or choose another --out")
 
     tasks = []
     for p in policies:
