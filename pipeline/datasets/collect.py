@@ -257,13 +257,15 @@ class _EpisodesOnServers:
         self.events.append(line)
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    def __call__(self, config: CollectConfig, seeds: list[int], stop: threading.Event):
+    def __call__(self, config: CollectConfig, seeds, stop: threading.Event):
         from pipeline.cluster import AllServersLostError, run_on_servers
         from pipeline.errors import SimulatorUnavailableError
 
         try:
+            # run_on_servers retries a lost server's episode by index: the seeds as a list (a
+            # CARLA episode takes seconds, so a list of the asked-for seeds is small beside them)
             for _, episode in run_on_servers(
-                    self.client, self.servers, seeds, partial(run_episode_on, config),
+                    self.client, self.servers, list(seeds), partial(run_episode_on, config),
                     describe=lambda seed: f"episode seed {seed} ({config.route_for(seed)})", notify=self.notify,
                     is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
                 if stop.is_set():
