@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import platform
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -93,6 +94,7 @@ def episode_seeds(route: Route, episodes: int, seed: int | None = None) -> list[
 # Envs and policies, built once per process (the driver, or each dask worker) and reused.
 
 _ENVS: dict[tuple, object] = {}
+_ENVS_LOCK = threading.Lock()
 _POLICIES: dict[tuple, object] = {}
 
 
@@ -106,17 +108,18 @@ def _is_carla(route_name: str) -> bool:
 
 def _env_for(route: str, vector_fields, traffic, max_steps, simulator: tuple = (), camera: str | None = None):
     key = (route, vector_fields, traffic, max_steps, simulator, camera)
-    if key not in _ENVS:
-        if _is_carla(route):  # a CARLA server runs one env at a time: hand it over
-            for other in [k for k in _ENVS if k[4] == simulator and _is_carla(k[0])]:
-                with contextlib.suppress(Exception):
-                    _ENVS.pop(other).close()
-        try:
-            _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
-                                  camera=camera, **dict(simulator))
-        except SimulatorUnavailableError as exc:
-            raise _with_embedded_routes(exc) from None
-    return _ENVS[key]
+    with _ENVS_LOCK:  # dask workers may be threads of one process, each with its own server
+        if key not in _ENVS:
+            if _is_carla(route):  # a CARLA server runs one env at a time: hand it over
+                for other in [k for k in _ENVS if k[4] == simulator and _is_carla(k[0])]:
+                    with contextlib.suppress(Exception):
+                        _ENVS.pop(other).close()
+            try:
+                _ENVS[key] = make_env(route, vector_fields=vector_fields, traffic=traffic, max_steps=max_steps,
+                                      camera=camera, **dict(simulator))
+            except SimulatorUnavailableError as exc:
+                raise _with_embedded_routes(exc) from None
+        return _ENVS[key]
 
 
 def _with_embedded_routes(exc: SimulatorUnavailableError) -> SimulatorUnavailableError:
