@@ -94,7 +94,7 @@ ROWS = [
     ("collect --episodes 1 --max-steps 3 --out {dir}/afile/x.zarr", ["cannot write"]),
     ("collect --episodes 1 --max-steps 3 --overwrite --out {dir}/afile", ["not a zarr store"]),
     ("collect --resume --episodes 3 --max-steps 3 --out {dir}/unfinished.zarr", ["unfinished merge", "--resume"]),
-    ("collect --policy {dir}/notckpt.pt --episodes 1 --out {new}.zarr", ["notckpt.pt"]),
+    ("collect --policy {dir}/notckpt.pt --episodes 1 --out {new}.zarr", ["notckpt.pt", "not a torch checkpoint"]),
     # train: options
     ("train --data {dir}/a.zarr --out {dir}/afile", ["--out", "is a file"]),
     ("train --data {dir}/a.zarr --checkpoint-every 0 --out {new}", ["--checkpoint-every"]),

@@ -125,8 +125,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PipelineError(f"cannot read checkpoint {path}: {first_line}") from e
+        # torch's own words are a bare byte value ("101") or advice to load with weights_only=False,
+        # which would unpickle: say what the user can act on instead
+        raise PipelineError(f"cannot read checkpoint {path}: not a torch checkpoint file, or a truncated "
+                            f"one ({type(e).__name__}); give a last.pt or step_N.pt written by pipeline train") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PipelineError(f"{path} is not a pipeline TD3 checkpoint")
     return state
