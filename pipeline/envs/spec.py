@@ -27,7 +27,8 @@ VECTOR_FIELDS: tuple[str, ...] = ("speed", "lateral_offset", "heading_error") + 
 ACTION_FIELDS: tuple[str, ...] = ("steer", "throttle_brake")
 
 #: ``info`` keys every backend returns from ``step``.
-INFO_KEYS: tuple[str, ...] = ("route_completion", "collision", "off_route", "speed", "termination")
+INFO_KEYS: tuple[str, ...] = ("route_completion", "collision", "off_route", "speed", "termination",
+                              "red_light", "stop_sign")
 #: Values of ``info["termination"]`` besides None.
 TERMINATIONS: tuple[str, ...] = ("route_done", "collision", "off_route", "stuck", "timeout")
 
