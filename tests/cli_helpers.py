@@ -31,3 +31,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def collected_store(folder, name: str, *collect_args) -> str:
+    """A store recorded by ``pipeline collect --out folder/name *collect_args --quiet``; asserts it worked."""
+    out = os.path.join(str(folder), name)
+    result = run_cli("collect", "--out", out, *collect_args, "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out

@@ -11,17 +11,15 @@ import pytest
 import torch
 
 from pipeline.datasets.store import TransitionStore
-from tests.cli_helpers import assert_one_line_error, cli_env, pipeline_cmd, run_cli
+from tests.cli_helpers import assert_one_line_error, cli_env, collected_store, pipeline_cmd, run_cli
 
 TINY = ("--batch-size", 8, "--log-every", 2, "--quiet")
 
 
 @pytest.fixture(scope="module")
 def expert_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "expert.zarr"
-    result = run_cli("collect", "--episodes", 2, "--out", out, "--noise", 0.1, "--max-steps", 60, "--quiet")
-    assert result.returncode == 0, result.stderr
-    return out
+    return collected_store(tmp_path_factory.mktemp("data"), "expert.zarr",
+                           "--episodes", 2, "--noise", 0.1, "--max-steps", 60)
 
 
 def _rows(run):

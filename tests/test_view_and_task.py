@@ -24,7 +24,7 @@ from pipeline.envs.embedded import STEP_SECONDS, BevCamera
 from pipeline.envs.policies import make_scripted_policy
 from pipeline.envs.spec import ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
-from tests.cli_helpers import assert_one_line_error, run_cli
+from tests.cli_helpers import assert_one_line_error, collected_store, run_cli
 
 LANE_WIDTH = 5.0
 TURN_RADIUS = 30.0
@@ -165,10 +165,8 @@ def test_reward_definition_is_versioned():
 
 @pytest.fixture(scope="module")
 def noisy_expert_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("labels") / "noisy.zarr"
-    result = run_cli("collect", "--episodes", 2, "--out", out, "--noise", 0.2, "--max-steps", 40, "--quiet")
-    assert result.returncode == 0, result.stderr
-    return out
+    return collected_store(tmp_path_factory.mktemp("labels"), "noisy.zarr",
+                           "--episodes", 2, "--noise", 0.2, "--max-steps", 40)
 
 
 def test_noisy_expert_stores_the_applied_action_and_the_experts_label(noisy_expert_store):
