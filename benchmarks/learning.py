@@ -21,17 +21,24 @@ evaluates on; training episodes and the dataset use other seeds). Route completi
 
 Outputs, next to each other: ``<out>.json`` (hardware, config, every run's curve and final scores,
 mean/std over seeds, the issue's targets with their measured figures), ``<out>.png`` (route
-completion and return vs env steps, mean and std over seeds) and ``<out>.md`` (the README table).
+completion, episode length and return vs env steps, mean and std over seeds) and ``<out>.md`` (the README table).
 ``--throughput-updates N`` also runs ``benchmarks/learner_throughput.py`` on the same device (ours vs
 SB3 at ``--throughput-batch-size``, 256 by default, with and without torch.compile / bf16) and
 records it in the same files.
 
-    # the full benchmark on a GPU (a few hours on one H100; --jobs runs trainings side by side)
-    python benchmarks/learning.py --device cuda --jobs 8 --threads 2 --throughput-updates 50
-    # CPU smoke scale (2 cores): tiny budget, fewer updates per env step
-    nice -n 10 python benchmarks/learning.py --device cpu --threads 1 --budget 2500 --warmup 500 \\
-        --train-freq 4 --batch-size 64 --seeds 0 --variants critic frozen sb3 --starts online \\
-        --out benchmarks/results/learning-cpu
+The issue's comparison is a preset: ``--preset cpu`` (2 cores, two runs side by side with one torch
+thread each, <= 90 min) or ``--preset gpu`` (issue #9's protocol: 100k env steps, 1 update per step,
+batch 256). Each runs three parts on training seeds 0 1 2 (see :data:`PRESETS`):
+(a) image setting from 60 expert laps at ``--online-mix 0.5``: end-to-end (critic) vs frozen vs
+actor+critic, TD3+BC; (b) full vector, online from scratch: ours vs SB3 ``MultiInputPolicy`` vs SB3
+``MlpPolicy`` on the scaled vector alone (``sb3-mlp``); (c) image setting online from scratch: ours vs
+frozen. Outputs default to ``benchmarks/results/learning-<preset>.{json,png,md}``.
+
+    python benchmarks/learning.py --preset cpu --work-dir runs/learning-cpu   # rerun: continues
+    python benchmarks/learning.py --preset gpu --work-dir runs/learning-gpu
+    # any grid of your own: settings x starts x variants
+    python benchmarks/learning.py --device cpu --threads 1 --budget 2500 --warmup 500 \\
+        --train-freq 4 --batch-size 64 --seeds 0 --variants critic frozen sb3 --starts online
 
 Runs live in ``--work-dir`` (a temporary folder unless given). A run whose ``result.json`` is
 there with the same job is not redone, so an interrupted benchmark continues where it stopped.
@@ -67,7 +74,7 @@ from pipeline.errors import PipelineError  # noqa: E402
 FORMAT, FORMAT_VERSION = "pipeline.learning-benchmark", 1
 SETTINGS = ("full", "image")
 STARTS = ("online", "offline")
-VARIANTS = ("critic", "actor+critic", "frozen", "sb3")
+VARIANTS = ("critic", "actor+critic", "frozen", "sb3", "sb3-mlp")
 METRICS = ("route_completion", "episode_return", "length", "driving_score")  # per eval, means over episodes
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
 GAMMA = 0.99
@@ -94,6 +101,7 @@ class Job:
     eval_episodes: int
     final_episodes: int
     online_mix: float
+    bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -156,7 +164,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_steps=sched.chunk_steps, exploration_noise=EXPLORATION_NOISE, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
-        eval_episodes=job.eval_episodes, log_every=eval_updates,
+        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -182,7 +190,7 @@ def _curve_from_metrics_csv(path: Path) -> list[dict]:
         if "eval/route_completion" not in row:
             continue
         point = {"env_steps": int(float(row["rollout/env_steps"])), "updates": update,
-                 **{m: float(row[f"eval/{m}"]) for m in METRICS}}
+                 "wall_s": float(row["perf/elapsed_s"]), **{m: float(row[f"eval/{m}"]) for m in METRICS}}
         if "rollout/episode_return" in row:  # training episodes, with exploration noise
             point["rollout_return"] = float(row["rollout/episode_return"])
             point["rollout_route_completion"] = 100.0 * float(row["rollout/route_completion"])
@@ -200,16 +208,19 @@ def _scores(summary: dict) -> dict:
 
 class SB3Policy:
     """An SB3 model as a ``pipeline`` policy: deterministic ``model.predict``. ``obs_spec`` makes
-    :func:`evaluate_policy` build the env with the vector fields and traffic it trained on."""
+    :func:`evaluate_policy` build the env with the vector fields and traffic it trained on. With
+    ``vector_norm`` (SB3's ``VecNormalize``, the ``sb3-mlp`` variant) the policy sees only the
+    vector, scaled by the running statistics the model trained with."""
 
-    def __init__(self, model, obs_spec):
-        self.model, self.obs_spec = model, obs_spec
+    def __init__(self, model, obs_spec, vector_norm=None):
+        self.model, self.obs_spec, self.vector_norm = model, obs_spec, vector_norm
 
     def reset(self, seed=None) -> None:
         pass
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
-        return np.asarray(self.model.predict(obs, deterministic=True)[0], dtype=np.float32)
+        model_obs = obs if self.vector_norm is None else self.vector_norm.normalize_obs(obs["vector"][None])[0]
+        return np.asarray(self.model.predict(model_obs, deterministic=True)[0], dtype=np.float32)
 
 
 def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict]):
@@ -225,6 +236,7 @@ def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict
             super().__init__()
             self.pending = list(sched.eval_points)
             self.returns, self.completions, self.running = [], [], 0.0
+            self.started = time.perf_counter()
 
         def _on_step(self) -> bool:
             self.running += float(self.locals["rewards"][0])
@@ -240,8 +252,9 @@ def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict
         def evaluate_due(self) -> None:
             while self.pending and self.num_timesteps >= self.pending[0]:
                 self.pending.pop(0)
+                wall = time.perf_counter() - self.started  # before this evaluation, as ours logs it
                 summary = evaluate_policy(policy, [job.route], episodes=job.eval_episodes, seed=EVAL_SEED)
-                point = {"env_steps": self.num_timesteps, "updates": self.model._n_updates,
+                point = {"env_steps": self.num_timesteps, "updates": self.model._n_updates, "wall_s": wall,
                          **{m: summary[m] for m in METRICS}}
                 if self.returns:  # same window as our loop's recent_returns
                     point["rollout_return"] = float(np.mean(self.returns[-20:]))
@@ -252,9 +265,12 @@ def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict
 
 
 def run_sb3(job: Job, sched: Schedule) -> dict:
+    """``sb3``: TD3 ``MultiInputPolicy`` on image + vector; ``sb3-mlp``: TD3 ``MlpPolicy`` on the
+    vector alone, scaled by ``VecNormalize`` (observations only; rewards as the env gives them)."""
     import gymnasium as gym
     from stable_baselines3 import TD3
     from stable_baselines3.common.noise import NormalActionNoise
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     from pipeline.envs import make_env
     from pipeline.eval.runner import evaluate_policy
@@ -271,21 +287,35 @@ def run_sb3(job: Job, sched: Schedule) -> dict:
             self.next_seed += 1
             return self.env.reset(seed=self.next_seed - 1, options=options)
 
-    env = EpisodeSeeds(make_env(job.route, vector_fields=job.vector_fields, traffic=job.traffic),
-                       first=job.seed * 1_000_003 + 10_000)
+    class VectorOnly(gym.ObservationWrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.observation_space = env.observation_space["vector"]
+
+        def observation(self, obs):
+            return obs["vector"]
+
+    mlp = job.variant == "sb3-mlp"
+    base = make_env(job.route, vector_fields=job.vector_fields, traffic=job.traffic)
+    obs_spec = base.unwrapped.obs_spec
+    env = EpisodeSeeds(VectorOnly(base) if mlp else base, first=job.seed * 1_000_003 + 10_000)
+    vector_norm = VecNormalize(DummyVecEnv([lambda: env]), norm_obs=True, norm_reward=False) if mlp else None
     store = None
     if job.data:
+        if mlp:
+            raise PipelineError("the sb3-mlp variant learns online only (no --starts offline)")
         from pipeline.datasets.store import TransitionStore
 
         store = TransitionStore(job.data)
-    model = TD3("MultiInputPolicy", env, buffer_size=job.budget + (store.num_transitions if store else 0),
+    model = TD3("MlpPolicy" if mlp else "MultiInputPolicy", vector_norm or env,
+                buffer_size=job.budget + (store.num_transitions if store else 0),
                 learning_starts=sched.warmup, batch_size=job.batch_size, gamma=GAMMA,
                 train_freq=(job.train_freq, "step"), gradient_steps=job.gradient_steps,
                 action_noise=NormalActionNoise(np.zeros(2), np.full(2, EXPLORATION_NOISE)),
                 device=str(resolve_device(job.device)), seed=job.seed, verbose=0)
     if store is not None:
         _fill_sb3_buffer(model.replay_buffer, store)
-    policy = SB3Policy(model, env.unwrapped.obs_spec)
+    policy = SB3Policy(model, obs_spec, vector_norm)
     curve: list[dict] = []
     callback = _sb3_callback(job, sched, policy, curve)
     started = time.perf_counter()
@@ -293,7 +323,7 @@ def run_sb3(job: Job, sched: Schedule) -> dict:
     callback.evaluate_due()  # the last point: learn() ends with a learning phase, not a rollout
     wall = time.perf_counter() - started
     final = evaluate_policy(policy, [job.route], episodes=job.final_episodes, seed=EVAL_SEED)
-    env.close()
+    (vector_norm or env).close()
     return {"updates": int(model._n_updates), "env_steps": int(model.num_timesteps), "wall_s": wall,
             "updates_per_s": model._n_updates / wall, "curve": curve, "final": _scores(final)}
 
@@ -326,7 +356,7 @@ def run_job(job: Job) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts over
     run_dir.mkdir(parents=True)
     sched = make_schedule(job)
-    record = run_sb3(job, sched) if job.variant == "sb3" else run_ours(job, sched)
+    record = run_sb3(job, sched) if job.variant.startswith("sb3") else run_ours(job, sched)
     record = {"job": dataclasses.asdict(job), "name": job.name, "setting": job.setting, "start": job.start,
               "variant": job.variant, "seed": job.seed, "warmup": sched.warmup, **record}
     result_path.write_text(json.dumps(record, indent=1))
@@ -445,22 +475,37 @@ def _first_reaching(curve: list[dict], level: float) -> int | None:
     return next((p["env_steps"] for p in curve if p["route_completion"]["mean"] >= level), None)
 
 
-def targets(summary: dict, throughput: list[dict], on_cuda: bool) -> list[dict]:
-    """The issue's targets, each with the measured figures and ``passed`` (None: not measured here)."""
+def targets(summary: dict, runs: list[dict], throughput: list[dict], on_cuda: bool,
+            reach_within: int = 4_000) -> list[dict]:
+    """The issue's targets, each with the measured figures and ``passed`` (None: not measured here).
+
+    (a) image / offline: end-to-end (critic) >= 80% route completion and >= 2x frozen's;
+    (b) full / online: every seed of ours >= 90% route completion at an evaluation within
+        ``reach_within`` env steps, and ours >= SB3 TD3 at the same env steps;
+    (c) image / online: end-to-end episode length >= 4x frozen's (the seed note's claim)."""
     rows = []
 
     def ratio_target(name, setting, start, metric, need):
         a, b = (_final(summary, f"{setting}/{start}/{v}", metric) for v in ("critic", "frozen"))
-        if a is None and b is None:
-            return  # neither was run
-        ratio = a / b if a is not None and b else None  # frozen at 0: no ratio, any progress passes
-        passed = None if a is None or b is None else (ratio >= need if ratio is not None else a > 0)
+        if a is None or b is None:
+            return  # not both run
+        ratio = a / b if b else None  # frozen at 0: no ratio, any progress passes
         rows.append({"target": name, "setting": setting, "start": start, "critic": a, "frozen": b,
-                     "ratio": ratio, "need": need, "passed": passed})
+                     "ratio": ratio, "need": need, "passed": ratio >= need if ratio is not None else a > 0})
 
-    for start in STARTS:
-        ratio_target("end-to-end (critic) episode length >= 4x frozen", "image", start, "length", 4.0)
-        ratio_target("end-to-end (critic) route completion >= 2x frozen", "image", start, "route_completion", 2.0)
+    ours_a = _final(summary, "image/offline/critic", "route_completion")
+    if ours_a is not None:
+        rows.append({"target": "end-to-end (critic) route completion >= 80%", "setting": "image", "start": "offline",
+                     "critic": ours_a, "need": 80.0, "passed": ours_a >= 80.0})
+    ratio_target("end-to-end (critic) route completion >= 2x frozen", "image", "offline", "route_completion", 2.0)
+    ratio_target("end-to-end (critic) episode length >= 4x frozen", "image", "online", "length", 4.0)
+    full_ours = [r for r in runs if (r["setting"], r["start"], r["variant"]) == ("full", "online", "critic")]
+    if full_ours:
+        best = [max((p["route_completion"] for p in r["curve"] if p["env_steps"] <= reach_within), default=0.0)
+                for r in full_ours]
+        rows.append({"target": f"every seed of ours (critic) >= 90% route completion within {reach_within} env steps",
+                     "setting": "full", "start": "online", "per_seed": best, "need": 90.0,
+                     "passed": min(best) >= 90.0})
     for setting in SETTINGS:
         for start in STARTS:
             ours, sb3 = (_final(summary, f"{setting}/{start}/{v}", "route_completion") for v in ("critic", "sb3"))
@@ -474,8 +519,8 @@ def targets(summary: dict, throughput: list[dict], on_cuda: bool) -> list[dict]:
                      "ratio": best["ratio"], "compile": best["compile"], "bf16": best["bf16"], "need": 2.0,
                      "passed": best["ratio"] >= 2.0 if on_cuda else None,
                      **({} if on_cuda else {"note": "measured on CPU: the target is for a GPU"})})
-    for setting in SETTINGS:
-        for variant in ("critic", "actor+critic", "frozen", "sb3"):
+    for setting in SETTINGS:  # does the dataset help? only where both starts ran
+        for variant in VARIANTS:
             on, off = (summary.get(f"{setting}/{start}/{variant}") for start in STARTS)
             if on is None or off is None:
                 continue
@@ -488,7 +533,8 @@ def targets(summary: dict, throughput: list[dict], on_cuda: bool) -> list[dict]:
     return rows
 
 
-COLORS = {"critic": "tab:blue", "actor+critic": "tab:green", "frozen": "tab:red", "sb3": "tab:gray"}
+COLORS = {"critic": "tab:blue", "actor+critic": "tab:green", "frozen": "tab:red", "sb3": "tab:gray",
+          "sb3-mlp": "tab:purple"}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -499,9 +545,10 @@ def plot(report: dict, path: Path) -> None:
 
     panels = sorted({(g["setting"], g["start"]) for g in report["summary"].values()},
                     key=lambda p: (SETTINGS.index(p[0]), STARTS.index(p[1])))
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.2 * len(panels)), squeeze=False)
     for row, (setting, start) in enumerate(panels):
         for col, (metric, label) in enumerate((("route_completion", "route completion (%)"),
+                                                ("length", "episode length (steps)"),
                                                 ("episode_return", "episode return"))):
             ax = axes[row][col]
             for variant in VARIANTS:
@@ -519,7 +566,7 @@ def plot(report: dict, path: Path) -> None:
             ax.set_xlim(left=0)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
+            if col == 0:
                 ax.legend(fontsize=8)
     hw = report["hardware"]
     fig.suptitle(f"Deterministic eval on {report['config']['route']} vs env steps (mean +- std over seeds); "
@@ -544,13 +591,23 @@ def markdown(report: dict) -> str:
         lines += [f"> {report['note']}", ""]
     lines += [
         f"Hardware: {hw['gpu'] or 'no GPU'}; CPU {hw['cpu']} ({hw['cpu_count']} cores, "
-        f"{hw['torch_threads_per_run']} torch thread(s) per run); torch {hw['torch']}, SB3 {hw['stable_baselines3']}.",
-        f"Budget: {cfg['budget']} env steps per run (warm-up {cfg['warmup']} random steps when online), "
-        f"{cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch {cfg['batch_size']}; "
-        f"evaluation every {cfg['eval_every']} env steps on {cfg['eval_episodes']} fixed seeds, final on "
-        f"{cfg['final_episodes']} (seeds {EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). "
-        f"Image setting: vector = speed only, traffic {cfg['traffic']}. "
-        f"Training runs took {report['runs_wall_s'] / 60:.1f} min in all.",
+        f"{hw['torch_threads_per_run']} torch thread(s) per run, {cfg['jobs']} run(s) side by side); "
+        f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}.",
+        f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
+        f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
+        f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
+        f"({EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). Image setting: vector = speed only, traffic "
+        f"{cfg['traffic']}. Training runs took {report['runs_wall_s'] / 60:.1f} min of run time in all; this "
+        f"invocation {report['wall_s'] / 60:.1f} min of wall time.",
+        "",
+        "| part | setting | start | variants | env steps | warm-up | eval every | TD3+BC alpha |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for part in report["parts"]:
+        lines.append(f"| {part['name']} | {part['setting']} | {part['start']} | {', '.join(part['variants'])} | "
+                     f"{part['budget']} | {part['warmup'] if part['start'] == 'online' else '— (dataset)'} | "
+                     f"{part['eval_every']} | {part['bc_alpha']:g} |")
+    lines += [
         "",
         "Final evaluation, mean ± std over seeds:",
         "",
@@ -564,12 +621,21 @@ def markdown(report: dict) -> str:
                      f"{g['env_steps']['mean']:.0f} | {g['updates']['mean']:.0f} | {_pm(f['route_completion'])} | "
                      f"{_pm(f['driving_score'])} | {_pm(f['episode_return'], 2)} | {_pm(f['length'])} | "
                      f"{g['updates_per_s']['mean']:.2f} |")
-    verdict = "" if hw["device"] == "cuda" else " (not on a GPU: figures for reference, not a verdict)"
-    lines += ["", f"Targets from the issue{verdict}:", "",
+    lines += ["", "Every seed (final evaluation; the curve's route completion at each evaluation point):", "",
+              "| run | route completion % | episode length | return | wall min | curve: env steps -> route completion % |",
+              "|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        f = run["final"]
+        curve = ", ".join(f"{p['env_steps']}: {p['route_completion']:.0f}" for p in run["curve"])
+        lines.append(f"| {run['name']} | {f['route_completion']:.1f} | {f['length']:.0f} | {f['episode_return']:.2f} | "
+                     f"{run['wall_s'] / 60:.1f} | {curve} |")
+    lines += ["", "Targets from the issue:", "",
               "| target | where | measured | passed |", "|---|---|---|---|"]
     for t in report["targets"]:
         where = " / ".join(str(t[k]) for k in ("setting", "start", "variant") if k in t) or "learner"
-        if "frozen" in t:
+        if "per_seed" in t:
+            measured = "best by then, per seed: " + ", ".join(f"{v:.1f}" for v in t["per_seed"])
+        elif "frozen" in t:
             measured = (f"critic {_num(t['critic'])} vs frozen {_num(t['frozen'])} "
                         f"(x{_num(t['ratio'])}, need x{t['need']:g})")
         elif "sb3" in t:
@@ -577,6 +643,8 @@ def markdown(report: dict) -> str:
         elif "level" in t:
             measured = (f"level {t['level']:.1f}%: offline+online at {t['offline_env_steps'] or 'never'}, "
                         f"online-only at {t['online_env_steps']} env steps")
+        elif "critic" in t:
+            measured = f"critic {_num(t['critic'])}"
         else:
             measured = f"x{t['ratio']:.2f} (compile={t['compile']}, bf16={t['bf16']})" + (
                 f"; {t['note']}" if "note" in t else "")
@@ -595,11 +663,50 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+# The issue's comparison (#13) as presets: shared options, then parts, each one (setting, start)
+# with its variants and budget. Evaluation seeds are fixed (0, 1, ...) and the same for every part.
+PRESETS = {
+    # 2 cores: two runs side by side, one torch thread each; <= 90 min in all.
+    "cpu": {
+        "options": dict(device="cpu", threads=1, jobs=2, batch_size=64, seeds=[0, 1, 2], train_freq=1,
+                        gradient_steps=1, eval_episodes=3, final_episodes=5, traffic=3, online_mix=0.5,
+                        dataset_episodes=60, dataset_noise=0.1, route="racetrack"),
+        "parts": [  # longest runs first, so the two slots finish together
+            dict(name="b", setting="full", start="online", variants=["sb3", "critic", "sb3-mlp"],
+                 budget=4_000, warmup=500, eval_every=500),
+            dict(name="a", setting="image", start="offline", variants=["critic", "actor+critic", "frozen"],
+                 budget=1_500, eval_every=500, bc_alpha=2.5),
+            dict(name="c", setting="image", start="online", variants=["critic", "frozen"],
+                 budget=2_500, warmup=500, eval_every=500),
+        ],
+    },
+    # issue #9's protocol: 100k env steps, one update per env step at batch 256.
+    "gpu": {
+        "options": dict(device="cuda", threads=2, jobs=4, batch_size=256, seeds=[0, 1, 2], train_freq=1,
+                        gradient_steps=1, eval_episodes=5, final_episodes=10, traffic=3, online_mix=0.5,
+                        dataset_episodes=60, dataset_noise=0.1, route="racetrack", throughput_updates=50),
+        "parts": [
+            dict(name="a", setting="image", start="offline", variants=["critic", "actor+critic", "frozen", "sb3"],
+                 budget=100_000, eval_every=5_000, bc_alpha=2.5),
+            dict(name="b", setting="full", start="online", variants=["critic", "sb3", "sb3-mlp"],
+                 budget=100_000, warmup=1_000, eval_every=5_000),
+            dict(name="c", setting="image", start="online", variants=["critic", "frozen", "actor+critic", "sb3"],
+                 budget=100_000, warmup=1_000, eval_every=5_000),
+        ],
+    },
+}
+PART_KEYS = ("budget", "warmup", "eval_every", "bc_alpha")  # a part's own options; the rest are shared
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the issue's comparison: parts (a) image/offline, (b) full/online, (c) image/online "
+                        "with their variants and budgets; sets every option but --seeds, --jobs, --threads, "
+                        "--work-dir, --out and --note")
     p.add_argument("--budget", type=int, default=100_000, help="env steps per run, warm-up included")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
@@ -611,6 +718,7 @@ def parse_args(argv=None):
     p.add_argument("--train-freq", type=int, default=1, help="env steps between learning phases")
     p.add_argument("--gradient-steps", type=int, default=1, help="updates per learning phase")
     p.add_argument("--online-mix", type=float, default=0.5, help="offline start: share of fresh rollouts per batch")
+    p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps (default: a 20th of the budget after warm-up, a multiple of --train-freq)")
     p.add_argument("--eval-episodes", type=int, default=5)
@@ -618,26 +726,47 @@ def parse_args(argv=None):
     p.add_argument("--dataset-episodes", type=int, default=20)
     p.add_argument("--dataset-noise", type=float, default=0.2)
     p.add_argument("--dataset-seed", type=int, default=100_000, help="first dataset episode seed (not an eval seed)")
-    p.add_argument("--jobs", type=int, default=1, help="training runs side by side (processes)")
+    p.add_argument("--jobs", type=int, default=None, help="training runs side by side (processes; default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--throughput-updates", type=int, default=0, help="run learner_throughput.py (0: skip)")
     p.add_argument("--throughput-batch-size", type=int, default=256)
     p.add_argument("--no-throughput-compile", dest="throughput_compile", action="store_false")
     p.add_argument("--work-dir", default=None, help="keep runs (checkpoints, metrics.csv) here; reruns reuse them")
     p.add_argument("--note", default="", help="a line for the top of the Markdown table")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "learning"),
-                   help="output stem: writes <out>.json, <out>.png, <out>.md")
+    p.add_argument("--out", default=None,
+                   help="output stem: writes <out>.json, <out>.png, <out>.md (default benchmarks/results/"
+                        "learning-<preset>, or benchmarks/results/learning)")
     args = p.parse_args(argv)
+    if args.preset:
+        preset = PRESETS[args.preset]
+        for key, value in preset["options"].items():
+            if key in ("seeds", "jobs", "threads") and getattr(args, key) is not None:
+                continue  # the user's own
+            setattr(args, key, value)
+        args.parts = [dict(part) for part in preset["parts"]]
+    args.seeds = args.seeds or [0, 1, 2]
+    args.jobs = args.jobs or 1
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"learning-{args.preset}" if args.preset
+                               else REPO / "benchmarks" / "results" / "learning")
     if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
            args.final_episodes, args.dataset_episodes, args.jobs, args.eval_every or 1) <= 0:
         p.error("budgets, sizes, frequencies, episode counts and --jobs must be positive")
     if not 0.0 < args.online_mix <= 1.0:
         p.error("--online-mix must be in (0, 1]: the benchmark counts env steps of fresh rollouts")
-    if args.eval_every is None:
-        learning = args.budget - max(args.warmup, args.batch_size)
-        args.eval_every = max(learning // 20 // args.train_freq, 1) * args.train_freq
-    if args.eval_every % args.train_freq:
-        p.error(f"--eval-every {args.eval_every} must be a multiple of --train-freq {args.train_freq}")
+    if not args.preset:
+        if args.eval_every is None:
+            learning = args.budget - max(args.warmup, args.batch_size)
+            args.eval_every = max(learning // 20 // args.train_freq, 1) * args.train_freq
+        args.parts = [dict(name=f"{s}-{st}", setting=s, start=st,  # sb3-mlp learns online only
+                           variants=[v for v in args.variants if st == "online" or v != "sb3-mlp"])
+                      for s in args.settings for st in args.starts]
+    for part in args.parts:  # a part's own budget, else the shared option
+        for key in PART_KEYS:
+            part.setdefault(key, getattr(args, key))
+        if part["eval_every"] % args.train_freq:
+            p.error(f"eval every {part['eval_every']} must be a multiple of --train-freq {args.train_freq}")
+        if part["start"] == "offline" and "sb3-mlp" in part["variants"]:
+            p.error("the sb3-mlp variant learns online only")
     return args
 
 
@@ -645,7 +774,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from pipeline.train.td3 import resolve_device
 
-    if "sb3" in args.variants:
+    if any(v.startswith("sb3") for part in args.parts for v in part["variants"]):
         try:
             import stable_baselines3  # noqa: F401
         except ImportError:
@@ -655,21 +784,21 @@ def main(argv=None) -> dict:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="learning-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        jobs = [Job(setting=s, start=st, variant=v, seed=seed, route=args.route, **setting_env(s, args.traffic),
-                    budget=args.budget, warmup=args.warmup, train_freq=args.train_freq,
-                    gradient_steps=args.gradient_steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                    eval_episodes=args.eval_episodes, final_episodes=args.final_episodes,
-                    online_mix=args.online_mix, data=str(work / "datasets" / f"{s}.zarr") if st == "offline" else None,
+        jobs = [Job(setting=part["setting"], start=part["start"], variant=v, seed=seed, route=args.route,
+                    **setting_env(part["setting"], args.traffic), budget=part["budget"], warmup=part["warmup"],
+                    train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
+                    eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
+                    final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
+                    data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
-                for s in args.settings for st in args.starts for v in args.variants for seed in args.seeds]
+                for part in args.parts for v in part["variants"] for seed in args.seeds]
         jobs = [dataclasses.replace(j, run_dir=str(work / "runs" / j.name)) for j in jobs]
         for job in jobs:  # a budget too small for one evaluation period fails before any training
             make_schedule(job)
         datasets = {}
-        if "offline" in args.starts:
-            for setting in args.settings:
-                datasets[setting] = expert_dataset(work / "datasets" / f"{setting}.zarr", args, setting)
-                print(f"dataset {setting}: {datasets[setting]}")
+        for setting in dict.fromkeys(p["setting"] for p in args.parts if p["start"] == "offline"):
+            datasets[setting] = expert_dataset(work / "datasets" / f"{setting}.zarr", args, setting)
+            print(f"dataset {setting}: {datasets[setting]}")
         runs = []
 
         def done(record: dict) -> None:
@@ -706,8 +835,9 @@ def main(argv=None) -> dict:
         "hardware": hardware(args.device, args.threads),
         "wall_s": time.perf_counter() - started,  # this invocation; reused runs cost nothing here
         "runs_wall_s": sum(r["wall_s"] for r in runs),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "note")},
-        "settings": {s: setting_env(s, args.traffic) for s in args.settings},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "note", "parts")},
+        "parts": args.parts,
+        "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
             "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
                     "one shared encoder; bf16 + channels_last on CUDA)",
@@ -721,7 +851,7 @@ def main(argv=None) -> dict:
         "summary": summary,
         "learner_throughput": throughput,
     }
-    report["targets"] = targets(summary, throughput, on_cuda)
+    report["targets"] = targets(summary, runs, throughput, on_cuda)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import PipelineError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
-VARIANTS = ("critic", "frozen", "sb3")
+VARIANTS = ("critic", "frozen", "sb3", "sb3-mlp")
 TINY = ["--budget", "60", "--warmup", "20", "--eval-every", "20", "--train-freq", "4", "--batch-size", "8",
         "--seeds", "0", "--settings", "image", "--variants", *VARIANTS, "--starts", "online", "offline",
         "--dataset-episodes", "1", "--eval-episodes", "1", "--final-episodes", "1", "--threads", "1",
@@ -46,8 +46,8 @@ def bench(learning, tmp_path_factory):
 
 def test_every_run_gets_the_same_env_steps_and_updates(bench):
     runs = bench["report"]["runs"]
-    assert sorted((r["start"], r["variant"]) for r in runs) == sorted(
-        (s, v) for s in ("online", "offline") for v in VARIANTS)
+    assert sorted((r["start"], r["variant"]) for r in runs) == sorted(  # sb3-mlp: online only
+        (s, v) for s in ("online", "offline") for v in VARIANTS if s == "online" or v != "sb3-mlp")
     for run in runs:
         online = run["start"] == "online"
         # online: 20 random warm-up steps, then 40 learning steps at 1 update per 4 env steps
@@ -70,7 +70,7 @@ def test_the_image_setting_hides_the_road_from_the_vector(bench):
     import torch
 
     for run in report["runs"]:  # our checkpoints were trained on the speed-only vector
-        if run["variant"] != "sb3":
+        if not run["variant"].startswith("sb3"):
             state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
             assert state["obs_spec"]["vector_fields"] == ["speed"] and state["obs_spec"]["traffic"] == 3
 
@@ -97,13 +97,18 @@ def test_summary_and_targets_are_computed_from_the_runs(bench):
     assert {t["start"] for t in sb3} == {"online", "offline"}
     assert all(t["passed"] == (t["critic"] >= t["sb3"]) for t in sb3)
     reach = by_name["offline+online reaches the online-only final route completion in fewer env steps"]
-    assert {t["variant"] for t in reach} == set(VARIANTS)
+    assert {t["variant"] for t in reach} == set(VARIANTS) - {"sb3-mlp"}
 
 
 def test_markdown_and_png(bench):
     report, out = bench["report"], bench["out"]
     md = out.with_suffix(".md").read_text()
-    assert "no GPU" in md and "60 env steps per run" in md
+    assert "no GPU" in md
+    assert "| image-online | image | online | critic, frozen, sb3, sb3-mlp | 60 | 20 | 20 | 0 |" in md
+    assert "| image-offline | image | offline | critic, frozen, sb3 | 60 | — (dataset) | 20 | 0 |" in md
+    for run in report["runs"]:  # every seed has its row, with its curve
+        curve = ", ".join(f"{p['env_steps']}: {p['route_completion']:.0f}" for p in run["curve"])
+        assert f"| {run['name']} | {run['final']['route_completion']:.1f} |" in md and curve in md
     for group in report["summary"].values():
         rc = group["final"]["route_completion"]
         row = f"| image | {group['start']} | {group['variant']} | 1 | 60 | {group['updates']['mean']:.0f} | " \
@@ -114,7 +119,7 @@ def test_markdown_and_png(bench):
     import matplotlib.image
 
     height, width = matplotlib.image.imread(str(png)).shape[:2]
-    assert (height, width) == (640, 1100)  # two panels (online, offline) x (completion, return)
+    assert (height, width) == (640, 1500)  # two panels (online, offline) x (completion, length, return)
 
 
 def test_a_finished_run_is_reused(bench, learning):
@@ -126,6 +131,25 @@ def test_a_finished_run_is_reused(bench, learning):
     result.write_text(json.dumps(record))
     job = learning.Job(**record["job"])
     assert learning.run_job(job)["final"]["route_completion"] == 42.0
+
+
+def test_the_cpu_preset_is_the_issues_comparison(learning):
+    """(a) image/offline e2e vs frozen vs actor+critic from 60 expert laps at online-mix 0.5; (b) full
+    vector online: ours vs SB3 MultiInput vs SB3 Mlp within 4k env steps; (c) image online: ours vs
+    frozen; 3 seeds, batch 64, two runs side by side with one thread each."""
+    args = learning.parse_args(["--preset", "cpu"])
+    parts = {p["name"]: p for p in args.parts}
+    assert (parts["a"]["setting"], parts["a"]["start"]) == ("image", "offline")
+    assert set(parts["a"]["variants"]) == {"critic", "frozen", "actor+critic"}
+    assert (parts["b"]["setting"], parts["b"]["start"], parts["b"]["budget"]) == ("full", "online", 4_000)
+    assert set(parts["b"]["variants"]) == {"critic", "sb3", "sb3-mlp"}
+    assert (parts["c"]["setting"], parts["c"]["start"]) == ("image", "online")
+    assert set(parts["c"]["variants"]) == {"critic", "frozen"}
+    assert (args.seeds, args.batch_size, args.jobs, args.threads) == ([0, 1, 2], 64, 2, 1)
+    assert (args.dataset_episodes, args.online_mix, args.traffic) == (60, 0.5, 3)
+    assert args.out.endswith("learning-cpu")
+    gpu = learning.parse_args(["--preset", "gpu", "--seeds", "0"])
+    assert {p["budget"] for p in gpu.parts} == {100_000} and gpu.batch_size == 256 and gpu.seeds == [0]
 
 
 def test_bad_budgets_fail_before_training(learning, tmp_path):

@@ -505,6 +505,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
                     scalars["perf/updates_per_s"] = (update - last_log_update) / max(now - last_log_time, 1e-9)
                     scalars["perf/replay_wait_s"] = replay.wait_seconds
+                    scalars["perf/elapsed_s"] = now - started  # this process's wall time so far
                     if worker is not None:
                         scalars["rollout/env_steps"] = worker.env_steps
                         scalars["rollout/episodes"] = worker.episodes
