@@ -4,11 +4,15 @@ Both learn from the same transitions at the same batch size (default 256) on the
 - ours: ``DictReplayBuffer`` over a dataset store (prefetch thread on) feeding ``TD3Agent.update``;
 - SB3: ``TD3("MultiInputPolicy")`` with its in-RAM ``DictReplayBuffer``, ``model.train(gradient_steps)``.
 
-    python benchmarks/learner_throughput.py [--device auto] [--updates 30] [--batch-size 256]
-                                            [--compile] [--no-amp]
+    python benchmarks/learner_throughput.py [--device auto] [--updates 30] [--batch-size 64 256]
+                                            [--compile] [--no-amp] [--profile]
 
-Needs the `bench` extra (stable-baselines3). Last line:
-updates_per_s=<n> sb3_ratio=<ours / SB3 updates per s> replay_wait=<fraction of time waiting for data>
+Needs the `bench` extra (stable-baselines3). One line per batch size:
+batch=<B> updates_per_s=<n> sb3_ratio=<ours / SB3 updates per s> replay_wait=<fraction of time
+waiting for data> gflop_s=<achieved: FLOPs of one update (torch's FlopCounterMode) x updates/s>
+
+``--profile`` also prints torch.profiler's table of one timed stretch of our updates (self CPU/CUDA
+time per op), so a change can be aimed at where the time goes.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ def synthetic_store(path: str, episodes: int, steps: int, seed: int = 0):
     return TransitionStore(path)
 
 
-def ours(store, args) -> tuple[float, float]:
+def ours(store, args, batch_size: int) -> tuple[float, float, float]:
+    """Our updates/s, the fraction of it spent waiting for replay, and FLOPs per update."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from pipeline.datasets.replay import DictReplayBuffer
     from pipeline.train.td3 import TD3Agent, TD3Config
 
@@ -51,17 +58,38 @@ def ours(store, args) -> tuple[float, float]:
     with DictReplayBuffer(offline=store, obs_spec=store.obs_spec, online_mix=0.0, device=args.device,
                           prefetch=True, memory_budget=2**33) as replay:
         for _ in range(args.warmup):
-            agent.update(replay.sample(args.batch_size))
+            agent.update(replay.sample(batch_size))
+        counter = FlopCounterMode(display=False)
+        with counter:  # two updates: one with the actor step (policy_delay 2), one without
+            agent.update(replay.sample(batch_size))
+            agent.update(replay.sample(batch_size))
+        flops = counter.get_total_flops() / 2
         _sync()
-        wait0, started = replay.wait_seconds, time.perf_counter()
-        for _ in range(args.updates):
-            agent.update(replay.sample(args.batch_size))
-        _sync()
-        elapsed = time.perf_counter() - started
-        return args.updates / elapsed, (replay.wait_seconds - wait0) / elapsed
+        profiler = _profiler(args)
+        with profiler:
+            wait0, started = replay.wait_seconds, time.perf_counter()
+            for _ in range(args.updates):
+                agent.update(replay.sample(batch_size))
+            _sync()
+            elapsed = time.perf_counter() - started
+        if args.profile:
+            sort = "self_cuda_time_total" if torch.cuda.is_available() and args.device != "cpu" else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=sort, row_limit=15))
+        return args.updates / elapsed, (replay.wait_seconds - wait0) / elapsed, flops
 
 
-def sb3(store, args) -> float:
+def _profiler(args):
+    import contextlib
+
+    if not args.profile:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (torch.cuda.is_available() and args.device != "cpu")
+    return profile(activities=activities)
+
+
+def sb3(store, args, batch_size: int) -> float:
     import gymnasium as gym
     from stable_baselines3 import TD3
     from stable_baselines3.common.logger import configure
@@ -71,7 +99,7 @@ def sb3(store, args) -> float:
         action_space = store.action_spec.action_space()
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model = TD3("MultiInputPolicy", _SpecEnv(), buffer_size=store.num_transitions, batch_size=args.batch_size,
+    model = TD3("MultiInputPolicy", _SpecEnv(), buffer_size=store.num_transitions, batch_size=batch_size,
                 learning_starts=0, device=device, verbose=0)
     model.set_logger(configure(None, []))  # train() logs; learn() would normally set this up
     buffer = model.replay_buffer
@@ -79,10 +107,10 @@ def sb3(store, args) -> float:
         t = store.transition(i)
         buffer.add({k: v[None] for k, v in t["obs"].items()}, {k: v[None] for k, v in t["next_obs"].items()},
                    t["action"][None], np.array([t["reward"]]), np.array([t["terminated"]]), [{}])
-    model.train(gradient_steps=args.warmup, batch_size=args.batch_size)
+    model.train(gradient_steps=args.warmup, batch_size=batch_size)
     _sync()
     started = time.perf_counter()
-    model.train(gradient_steps=args.updates, batch_size=args.batch_size)
+    model.train(gradient_steps=args.updates, batch_size=batch_size)
     _sync()
     return args.updates / (time.perf_counter() - started)
 
@@ -97,22 +125,28 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's op table for ours")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
         f"CPU ({torch.get_num_threads()} threads)"
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         store = synthetic_store(str(Path(tmp) / "bench.zarr"), args.episodes, args.steps)
-        our_rate, wait = ours(store, args)
-        print(f"ours: {our_rate:.2f} updates/s at batch {args.batch_size} on {device} "
-              f"(compile={args.compile}, amp={not args.no_amp}), replay wait {wait:.1%}")
-        sb3_rate = sb3(store, args)
-        print(f"SB3 TD3 MultiInputPolicy: {sb3_rate:.2f} updates/s")
-    print(f"updates_per_s={our_rate:.2f} sb3_ratio={our_rate / sb3_rate:.2f} replay_wait={wait:.3f}")
+        for batch_size in args.batch_size:
+            our_rate, wait, flops = ours(store, args, batch_size)
+            print(f"ours: {our_rate:.2f} updates/s at batch {batch_size} on {device} "
+                  f"(compile={args.compile}, amp={not args.no_amp}), replay wait {wait:.1%}, "
+                  f"{flops / 1e9:.2f} GFLOP per update")
+            sb3_rate = sb3(store, args, batch_size)
+            print(f"SB3 TD3 MultiInputPolicy: {sb3_rate:.2f} updates/s at batch {batch_size}")
+            lines.append(f"batch={batch_size} updates_per_s={our_rate:.2f} sb3_ratio={our_rate / sb3_rate:.2f} "
+                         f"replay_wait={wait:.3f} gflop_s={flops * our_rate / 1e9:.1f}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

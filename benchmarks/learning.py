@@ -840,7 +840,7 @@ def main(argv=None) -> dict:
         "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
             "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
-                    "one shared encoder; bf16 + channels_last on CUDA)",
+                    "one shared encoder; channels_last; bf16 CNN on CUDA)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
                    f"gradient_steps and N(0, {EXPLORATION_NOISE}) action noise; offline start: buffer pre-filled "

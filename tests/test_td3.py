@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.envs.spec import ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
-from pipeline.train.networks import random_shift
+from pipeline.train.networks import random_shift, shift_by_crop, shift_by_gather
 from pipeline.train.td3 import TD3Agent, TD3Config
 
 SPEC = ObsSpec()
@@ -78,6 +78,16 @@ def test_random_shift_is_replicate_pad_then_crop_per_sample():
         offsets.append(matches[0])
     assert len(set(offsets)) > 5  # per-sample shifts, not one shift for the batch
     assert torch.equal(random_shift(image, 0), image)
+
+
+def test_the_cpu_and_cuda_shifts_are_the_same_shift():
+    """The CPU path (pad by concatenation, slice per sample) equals the CUDA path (two gathers)
+    element for element, for every offset, on uint8 and on float images."""
+    pad = 3
+    shift = torch.tensor([(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)])
+    for dtype in (torch.uint8, torch.float32):
+        image = torch.randint(0, 256, (len(shift), 4, 10, 9)).to(dtype)
+        assert torch.equal(shift_by_crop(image, shift, pad), shift_by_gather(image, shift, pad))
 
 
 # ---------------------------------------------------------------- the seed's validation tests

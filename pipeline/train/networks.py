@@ -127,17 +127,34 @@ def random_shift(image: torch.Tensor, pad: int = 4, generator: torch.Generator |
     """DrQ's random-shift augmentation: replicate-pad by ``pad`` pixels, crop back at a random
     integer offset, one offset per sample (shared by its stacked frames).
 
-    ``image``: any dtype ``(B, C, H, W)``; returns the same dtype and shape. Implemented as two
-    gathers (rows, then columns) with clamped indices, which is exactly replicate padding + crop,
-    so uint8 batches are shifted before the float conversion (4x less memory traffic than shifting
-    floats) and ``pad=0`` is the identity. ``generator`` (on ``image.device``) makes the shifts
-    reproducible.
+    ``image``: any dtype ``(B, C, H, W)``; returns the same dtype and shape. uint8 batches are
+    shifted before the float conversion (4x less memory traffic than shifting floats), and
+    ``pad=0`` is the identity. ``generator`` (on ``image.device``) makes the shifts reproducible.
+
+    Two exact implementations of the same shift, by device: on CUDA :func:`shift_by_gather` (no
+    host sync); on CPU :func:`shift_by_crop`, 12x faster there (1.4 vs 17 ms at batch 64, one
+    thread, 2-core EPYC).
     """
     if pad == 0:
         return image
+    shift = torch.randint(0, 2 * pad + 1, (image.shape[0], 2), device=image.device, generator=generator)
+    return shift_by_gather(image, shift, pad) if image.is_cuda else shift_by_crop(image, shift, pad)
+
+
+def shift_by_gather(image: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:
+    """``image`` uint8/float ``(B, C, H, W)`` shifted by ``shift`` int64 ``(B, 2)`` in ``[0, 2 pad]``
+    (row, column offsets into the padded image): two gathers with clamped indices."""
     b, c, h, w = image.shape
-    shift = torch.randint(0, 2 * pad + 1, (b, 2), device=image.device, generator=generator) - pad
-    rows = (torch.arange(h, device=image.device) + shift[:, :1]).clamp_(0, h - 1)  # (B, H)
-    cols = (torch.arange(w, device=image.device) + shift[:, 1:]).clamp_(0, w - 1)  # (B, W)
+    rows = (torch.arange(h, device=image.device) - pad + shift[:, :1]).clamp_(0, h - 1)  # (B, H)
+    cols = (torch.arange(w, device=image.device) - pad + shift[:, 1:]).clamp_(0, w - 1)  # (B, W)
     image = image.gather(2, rows[:, None, :, None].expand(b, c, h, w))
     return image.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def shift_by_crop(image: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:
+    """Same result as :func:`shift_by_gather`: replicate-pad by concatenating edge rows and columns,
+    then one slice per sample (the offsets are read on the host)."""
+    h, w = image.shape[2:]
+    padded = torch.cat([image[:, :, :1].expand(-1, -1, pad, -1), image, image[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    padded = torch.cat([padded[..., :1].expand(-1, -1, -1, pad), padded, padded[..., -1:].expand(-1, -1, -1, pad)], 3)
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(shift.tolist())])

@@ -85,7 +85,7 @@ class TD3Config:
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
     amp: bool = True  # bf16 autocast of the encoder only; CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC images and conv weights: faster oneDNN / cuDNN convolutions
     compile: bool = False  # torch.compile the modules
 
     def __post_init__(self):
@@ -168,7 +168,7 @@ class TD3Agent:
         self.device = resolve_device(cfg.device)
         on_cuda = self.device.type == "cuda"
         self._amp = cfg.amp and on_cuda
-        self._channels_last = cfg.channels_last and on_cuda
+        self._channels_last = cfg.channels_last  # CPU too: 1.17x updates/s at batch 64 (benchmarks/results)
 
         # Same seed -> same initial weights, without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
