@@ -30,11 +30,11 @@ import numpy as np
 from pipeline import __version__
 from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
 from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
-from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.envs.spec import CAMERAS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
                                    EpisodeTracker, leaderboard_summary, summarize)
+from pipeline.policies import SCRIPTED_POLICIES
 
 REPORT_FORMAT = "pipeline.eval"
 REPORT_VERSION = 1
