@@ -35,12 +35,13 @@ class ProgressBar:
     ``template``: a rich format string over ``fields`` shown after the counts, e.g.
     ``"{task.fields[sps]:5.0f} steps/s"``. ``eta``: rich's time-remaining column (off when the
     caller shows its own, as ``train`` does). ``transient``: the bar disappears when done.
-    ``console``: where it draws (rich's default console, stdout, when None).
+    ``console``: where it draws (rich's default console, stdout, when None; ``stderr=True``
+    draws on stderr).
     """
 
     def __init__(self, enabled: bool, label: str, total: int, *, done: int = 0, unit: str = "",
                  fields: dict | None = None, template: str = "", eta: bool = True, transient: bool = True,
-                 console: Console | None = None):
+                 console: Console | None = None, stderr: bool = False):
         self.enabled, self.total, self.done = enabled, total, done
         self._progress: Progress | None = None
         if not enabled:
@@ -56,6 +57,8 @@ class ProgressBar:
             columns.append(TextColumn(template))
         if eta:
             columns.append(TimeRemainingColumn())
+        if console is None and stderr:
+            console = Console(stderr=True)
         self._progress = Progress(*columns, console=console, transient=transient)
         self._task = self._progress.add_task(label, total=total, completed=done, **(fields or {}))
 

@@ -50,7 +50,8 @@ from zarr.core.buffer import default_buffer_prototype
 from pipeline.datasets.episode import EpisodeRecorder
 from pipeline.datasets.store import EpisodeWriter, TransitionStore
 from pipeline.envs.spec import ActionSpec, ObsSpec
-from pipeline.errors import PipelineError, SpecMismatchError, StoreError
+from pipeline.errors import PipelineError, StoreError
+from pipeline.progress import ProgressBar
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -275,17 +276,9 @@ class OfflineSource:
         total = min(self.n_slots * self.segment_frames, self.store.num_frames)
         if progress is None:
             progress = total * self.store.obs_spec.image_size**2 > 2**30 and sys.stderr.isatty()
-        if not progress:
+        with ProgressBar(progress, f"loading {self.store.url}", total, unit="frames", stderr=True) as bar:
             for slot in range(n_load):
-                self._load_slot(slot, *self._next_segment())
-        else:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            with Progress(console=Console(stderr=True), transient=True) as bar:
-                task = bar.add_task(f"loading {self.store.url}", total=total)
-                for slot in range(n_load):
-                    self._load_slot(slot, *self._next_segment(), advance=lambda n: bar.advance(task, n))
+                self._load_slot(slot, *self._next_segment(), advance=bar.advance if progress else None)
         self._oldest = n_load % self.n_slots
 
     def _load_slot(self, slot: int, start: int, stop: int, advance=None) -> None:
@@ -679,10 +672,7 @@ class DictReplayBuffer:
         obs_spec.check_compatible(store.obs_spec, what)
         if action_spec is None:
             action_spec = store.action_spec
-        if action_spec != store.action_spec:
-            raise SpecMismatchError(
-                f"{what} has a different action spec (fields: {list(store.action_spec.fields)!r} "
-                f"!= {list(action_spec.fields)!r})")
+        action_spec.check_compatible(store.action_spec, what)
         return obs_spec, action_spec
 
     # -- filling

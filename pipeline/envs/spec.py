@@ -153,3 +153,9 @@ class ActionSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ActionSpec":
         return cls(fields=tuple(d["fields"]))
+
+    def check_compatible(self, other: "ActionSpec", what: str) -> None:
+        """Raise :class:`SpecMismatchError` when ``what`` (a store, a checkpoint) acts otherwise."""
+        if other != self:
+            raise SpecMismatchError(f"{what} has a different action spec (fields: "
+                                    f"{list(other.fields)!r} != {list(self.fields)!r})")

@@ -35,6 +35,7 @@ from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
                                    EpisodeTracker, leaderboard_summary, summarize)
 from pipeline.policies import SCRIPTED_POLICIES
+from pipeline.progress import ProgressBar
 
 REPORT_FORMAT = "pipeline.eval"
 REPORT_VERSION = 1
@@ -312,18 +313,12 @@ def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, eve
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int):
     """Yields ``advance(metrics)``: a rich progress bar of episodes, or a no-op."""
-    if not enabled:
-        yield lambda metrics: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
-                  TextColumn("{task.fields[last]}"), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("eval", total=total, last="")
+    with ProgressBar(enabled, "[bold]eval", total, unit="episodes", fields={"last": ""},
+                     template="{task.fields[last]}") as bar:
 
         def advance(m: EpisodeMetrics) -> None:
-            bar.update(task, advance=1, last=f"{m.route} seed {m.seed}: RC {m.route_completion:.0f}%, "
-                                             f"DS {m.driving_score:.1f}, {m.termination}")
+            bar.advance(1, last=f"{m.route} seed {m.seed}: RC {m.route_completion:.0f}%, "
+                                f"DS {m.driving_score:.1f}, {m.termination}")
 
         yield advance
 

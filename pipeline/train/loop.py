@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.progress import ProgressBar
 
 
 @dataclass
@@ -514,7 +515,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                             scalars["rollout/route_completion"] = float(np.mean(worker.recent_completions))
                     log.log(update, scalars)
                     last_log_time, last_log_update = now, update
-                    bar.update(update, scalars)
+                    bar.show(update, scalars)
                 if config.eval_every and update % config.eval_every == 0:
                     log.log(update, _evaluate(agent, env.unwrapped.route.name, config))
                 if update % config.checkpoint_every == 0:
@@ -558,41 +559,29 @@ def _eta(elapsed: float, done: int, left: int) -> str:
     return f"eta {timedelta(seconds=round(elapsed / done * left))}"
 
 
-class _TrainProgress:
-    """rich progress bar: moves on every update (:meth:`advance`); updates/s, recent return and
-    route completion at each log step (:meth:`update`); an ETA from the start of this process."""
+class _TrainProgress(ProgressBar):
+    """The train bar: moves on every update (:meth:`advance`); updates/s, recent return and route
+    completion at each log step (:meth:`show`); an ETA from the start of this process."""
 
     def __init__(self, enabled: bool, total: int, done: int, console=None):
-        self.enabled, self.total, self.done, self.console = enabled, total, done, console
+        super().__init__(enabled, "[bold]train", total, done=done, eta=False, transient=False, console=console,
+                         fields={"status": "", "eta": _eta(0.0, 0, total - done)},
+                         template="{task.fields[status]}  {task.fields[eta]}")
+        self._started = time.perf_counter()
 
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    def __enter__(self) -> "_TrainProgress":
+        self._started = time.perf_counter()
+        return super().__enter__()
 
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TextColumn("{task.fields[eta]}"),
-                                      console=self.console)
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=self.total, completed=self.done, status="",
-                                                 eta=_eta(0.0, 0, self.total - self.done))
-            self._started = time.perf_counter()
-        return self
+    def advance(self, update: int) -> None:  # the loop knows its update count, not a step size
+        """``update`` updates done in all (this process started at ``done``)."""
+        eta = _eta(time.perf_counter() - self._started, update - self.done, self.total - update)
+        super().update(update, eta=eta)
 
-    def advance(self, update: int) -> None:
-        if self.enabled:
-            eta = _eta(time.perf_counter() - self._started, update - self.done, self.total - update)
-            self._progress.update(self._task, completed=update, eta=eta)
-
-    def update(self, update: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
+    def show(self, update: int, scalars: dict) -> None:
+        """The log row's rate, and the rollouts' recent return and completion when there are any."""
         status = f"{scalars['perf/updates_per_s']:6.1f} upd/s"
         if "rollout/episode_return" in scalars:
             status += (f"  return {scalars['rollout/episode_return']:7.2f}"
                        f"  completion {scalars['rollout/route_completion']:.2f}")
-        self._progress.update(self._task, completed=update, status=status)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._progress.stop()
-        return False
+        super().update(update, status=status)
