@@ -124,6 +124,9 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
     fails on a damaged source removes the output it created. ``overwrite`` replaces a zarr store
     already at ``out``. ``verify``: check every chunk read against its checksum.
     Returns ``{"out", "episodes", "transitions", "sources", "duplicates", "resumed"}``.
+
+    Long because every refusal must come before the writer opens the output (a refused merge
+    writes nothing), in the order a user meets them; the steps after it are small helpers.
     """
     if len(sources) < 2:
         raise PipelineError("merge needs at least two stores")

@@ -32,7 +32,7 @@ import zarr
 from pipeline.datasets.chunks import CHECKSUM_ALGORITHM, checksum, chunk_key, is_chunk_key
 from pipeline.datasets.store import (DATA_ARRAYS, EPISODE_COLUMNS, FORMAT_NAME, committed_ends, open_group,
                                      table_problems, unfinished_line)
-from pipeline.datasets.urls import display_url, fs_path, is_io_error, is_local, reason, store_location
+from pipeline.datasets.urls import display_url, fs_path, io_errors, is_io_error, is_local, reason, store_location
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, StoreError
 from pipeline.progress import ProgressBar, stderr_terminal
@@ -100,14 +100,11 @@ class _Inspection:
 def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     """Every object under ``root``: relative key -> size in bytes."""
     fs.invalidate_cache()
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
-        if not is_io_error(e):
-            raise
-        raise StoreError(f"cannot list {fs.unstrip_protocol(root)}: {reason(e)}") from None
+    with io_errors(f"cannot list {fs.unstrip_protocol(root)}"):
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return {}
     prefix = root.rstrip("/") + "/"
     return {path[len(prefix):]: int(info.get("size") or 0)
             for path, info in found.items() if path.startswith(prefix)}
@@ -118,6 +115,10 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
 
     Raises :class:`StoreError` when ``url`` is not a readable pipeline store at all (missing, not
     zarr, another format or version, not data only); lists every other problem in the report.
+
+    Long because it is verify's checklist in the order the checks depend on each other (specs,
+    counts, recorded checksums, array layout, the table, then the data arrays' chunks), each
+    finding appended to one report; split up, the pieces would pass the same half-built state on.
     """
     group = open_group(url, storage_options, read_only=True)
     fs, root = fs_path(url, storage_options)
@@ -224,12 +225,8 @@ def _read(fs: fsspec.AbstractFileSystem, root: str, keys: list[str]) -> dict[str
     if not keys:
         return {}
     paths = {f"{root}/{key}": key for key in keys}
-    try:
+    with io_errors(f"cannot read from {fs.unstrip_protocol(root)}"):
         got = fs.cat(list(paths), on_error="return")
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
-        if not is_io_error(e):
-            raise
-        raise StoreError(f"cannot read from {fs.unstrip_protocol(root)}: {reason(e)}") from None
     found = {paths.get(path, path): value for path, value in got.items()}
     return {key: found[key] if isinstance(found.get(key), bytes) else None for key in keys}
 
@@ -354,6 +351,9 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
 
     ``verify=False`` copies chunks without comparing them with their checksums and skips the
     final verification (its report then says 0 chunks checked).
+
+    Long because the copy's order is its crash safety (refusals, chunks, metadata deepest first
+    and the root last, then verification); one function keeps that order readable top to bottom.
     """
     if store_location(src, src_options) == store_location(dst, dst_options):
         raise StoreError(f"source and destination are the same store: {display_url(src)}")

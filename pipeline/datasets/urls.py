@@ -9,6 +9,7 @@ URL we print: :func:`display_url` drops any ``user:password@`` part.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from urllib.parse import urlsplit, urlunsplit
 
@@ -62,16 +63,26 @@ def reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """True if anything but an empty directory is at ``path``; StoreError if it can't be reached."""
+@contextlib.contextmanager
+def io_errors(what: str):
+    """Turn a storage I/O error inside the block into ``StoreError(f"{what}: {reason}")``
+    (one line, no traceback); every other error passes through unchanged."""
     try:
-        if not fs.exists(path):
-            return False
-        return not (fs.isdir(path) and not fs.ls(path, detail=False))
+        yield
+    except StoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
         if not is_io_error(e):
             raise
-        raise StoreError(f"cannot reach {fs.unstrip_protocol(path)}: {reason(e)}") from None
+        raise StoreError(f"{what}: {reason(e)}") from None
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """True if anything but an empty directory is at ``path``; StoreError if it can't be reached."""
+    with io_errors(f"cannot reach {fs.unstrip_protocol(path)}"):
+        if not fs.exists(path):
+            return False
+        return not (fs.isdir(path) and not fs.ls(path, detail=False))
 
 
 def has_zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> bool:

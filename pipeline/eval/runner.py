@@ -368,10 +368,8 @@ def scoring_conventions() -> dict:
     }
 
 
-def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    """Run ``pipeline eval``: returns the report dict (also written to ``config.out``)."""
-    from pipeline.eval import report as report_files
-
+def _checked_routes(config: EvalConfig) -> list[Route]:
+    """The routes ``config`` drives, once its options are known to make a run (else one line)."""
     if config.episodes <= 0:
         raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
     if config.workers < 0:
@@ -387,6 +385,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             and not config.carla_servers:
         raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler "
                             "or give one server per worker with --carla-servers")
+    return routes
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Run ``pipeline eval``: returns the report dict (also written to ``config.out``)."""
+    from pipeline.eval import report as report_files
+
+    routes = _checked_routes(config)
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
     if (Path(config.out) / "report.json").exists() and not config.overwrite:
         raise PipelineError(f"{config.out} already holds an evaluation report; pass --overwrite to "
