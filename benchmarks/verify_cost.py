@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets.chunks import checksum
 from pipeline.datasets.episode import Episode
 from pipeline.datasets.replay import DictReplayBuffer
-from pipeline.datasets.store import EpisodeWriter, TransitionStore, checksum
+from pipeline.datasets.store import EpisodeWriter, TransitionStore
 from pipeline.envs.spec import ActionSpec, ObsSpec
 
 RESULTS = Path(__file__).parent / "results" / "verify_cost.txt"

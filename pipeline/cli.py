@@ -45,6 +45,15 @@ def carla_options(command):
                         help="CARLA server host [env CARLA_HOST, default localhost].")(command)
 
 
+def cluster_options(command):
+    """``--workers``, ``--scheduler`` and ``--carla-servers``: where collect and eval run episodes."""
+    command = click.option("--carla-servers", default=None, help=SERVERS_HELP)(command)
+    command = click.option("--scheduler", default=None,
+                           help="Address of an existing dask scheduler to run episodes on.")(command)
+    return click.option("--workers", type=int, default=0, show_default=True,
+                        help="Run episodes on a local dask cluster of N processes.")(command)
+
+
 def no_verify_option(command):
     """``--no-verify`` for every command that reads a store's chunks (all check them by default)."""
     return click.option("--no-verify", is_flag=True,
@@ -98,9 +107,7 @@ def _note_ignored_scenarios(route_specs) -> None:
 @click.option("--vector-fields", default=None,
               help="Comma-separated vector fields, e.g. 'speed' [default: all 23].")
 @click.option("--max-steps", type=int, default=None, help="Step limit per episode [default: the route's].")
-@click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
-@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
-@click.option("--carla-servers", default=None, help=SERVERS_HELP)
+@cluster_options
 @click.option("--resume", is_flag=True, help="Continue an existing store up to --episodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -323,12 +330,21 @@ def _copy(src: str, dst: str, overwrite: bool, quiet: bool, no_verify: bool) -> 
     click.echo(copy_line(result))
 
 
+def copy_options(destination: str):
+    """``--overwrite``, ``--quiet`` and ``--no-verify`` of ``push`` and ``pull``."""
+
+    def decorate(command):
+        command = no_verify_option(command)
+        command = click.option("--quiet", is_flag=True, help="No progress bar.")(command)
+        return click.option("--overwrite", is_flag=True, help=f"Replace another dataset store at {destination}.")(command)
+
+    return decorate
+
+
 @datasets.command()
 @click.argument("src")
 @click.argument("url")
-@click.option("--overwrite", is_flag=True, help="Replace another dataset store at URL.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@no_verify_option
+@copy_options("URL")
 def push(src, url, overwrite, quiet, no_verify):
     """Copy the store SRC to URL, resumably, then verify the copy.
 
@@ -345,9 +361,7 @@ def push(src, url, overwrite, quiet, no_verify):
 @datasets.command()
 @click.argument("url")
 @click.argument("dst")
-@click.option("--overwrite", is_flag=True, help="Replace another dataset store at DST.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@no_verify_option
+@copy_options("DST")
 def pull(url, dst, overwrite, quiet, no_verify):
     """Copy the store at URL to DST, resumably, then verify the copy.
 
@@ -449,9 +463,7 @@ def stats(path, png, bins, as_json, no_verify):
               help="Episode i resets with seed+i [default: each route's evaluation seeds].")
 @click.option("--max-steps", type=int, default=None, help="Step limit per episode [default: the route's].")
 @click.option("--traffic", type=int, default=None, help="Other vehicles [default: the route's].")
-@click.option("--workers", type=int, default=0, show_default=True, help="Run episodes on a local dask cluster of N processes.")
-@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to run episodes on.")
-@click.option("--carla-servers", default=None, help=SERVERS_HELP)
+@cluster_options
 @click.option("--out", default=None,
               help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 from pipeline.envs import make_env
 from pipeline.envs.carla_env import CarlaDrivingEnv, from_carla_control
-from pipeline.envs.policies import make_scripted_policy
+from pipeline.policies import make_policy as make_scripted_policy
 from pipeline.envs.routes import Route
 from pipeline.envs.spec import INFO_KEYS, ObsSpec
 from pipeline.envs.wrappers import FrameStack

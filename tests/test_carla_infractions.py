@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.envs.carla_env import CarlaDrivingEnv
 from pipeline.envs.carla_infractions import segments_cross
-from pipeline.envs.policies import make_scripted_policy
+from pipeline.policies import make_policy as make_scripted_policy
 from pipeline.envs.routes import Route
 from pipeline.eval.metrics import EpisodeTracker
 from tests.carla_standin import VEHICLE_HALF_LENGTH_M, StandInServer

@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.datasets.store import TransitionStore
 from pipeline.envs import make_env
-from pipeline.envs.policies import make_scripted_policy
+from pipeline.policies import make_policy as make_scripted_policy
 from tests.cli_helpers import assert_one_line_error, cli_env, pipeline_cmd, run_cli
 
 

@@ -7,7 +7,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from pipeline.envs import get_route, list_routes, make_env
-from pipeline.envs.policies import make_scripted_policy
+from pipeline.policies import make_policy as make_scripted_policy
 from pipeline.envs.spec import INFO_KEYS, TERMINATIONS, VECTOR_FIELDS, ObsSpec
 from pipeline.errors import SpecMismatchError, UnknownRouteError
 

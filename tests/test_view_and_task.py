@@ -21,7 +21,7 @@ from pipeline.datasets.store import TransitionStore
 from pipeline.envs import bev, list_routes, make_env
 from pipeline.envs.driving import REWARD_VERSION, RewardConfig, driving_reward
 from pipeline.envs.embedded import STEP_SECONDS, BevCamera
-from pipeline.envs.policies import make_scripted_policy
+from pipeline.policies import make_policy as make_scripted_policy
 from pipeline.envs.spec import ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
 from tests.cli_helpers import assert_one_line_error, collected_store, run_cli

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder
 from pipeline.errors import PipelineError
+from pipeline.progress import ProgressBar
 
 
 @dataclass(frozen=True)
@@ -385,35 +386,8 @@ def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
     }
 
 
-class _progress_bar:
-    """A rich progress bar for episodes with steps/s and mean return, or a no-op."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            from rich.table import Column
-
-            # The bar takes the room the figures leave (ratio=1): at 80 columns it shrinks and
-            # the counts, rate and return stay whole.
-            self._progress = Progress(
-                TextColumn("[bold]collect"), BarColumn(bar_width=None, table_column=Column(ratio=1)),
-                MofNCompleteColumn(), TextColumn("episodes"),
-                TextColumn("{task.fields[sps]:5.0f} steps/s  return {task.fields[ret]:6.2f}"),
-                TimeRemainingColumn(), transient=False,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("collect", total=self.total, completed=self.done,
-                                                 sps=0.0, ret=float("nan"))
-        return self
-
-    def update(self, **fields) -> None:
-        if self.enabled:
-            self._progress.update(self._task, **fields)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._progress.stop()
-        return False
+def _progress_bar(enabled: bool, total: int, done: int) -> ProgressBar:
+    """Episodes recorded, with steps/s and mean return (``update(completed=, sps=, ret=)``)."""
+    return ProgressBar(enabled, "[bold]collect", total, done=done, unit="episodes", transient=False,
+                       fields={"sps": 0.0, "ret": float("nan")},
+                       template="{task.fields[sps]:5.0f} steps/s  return {task.fields[ret]:6.2f}")

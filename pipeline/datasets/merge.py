@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.datasets.remote import _Progress, display_url, store_location
-from pipeline.datasets.store import (EpisodeWriter, TransitionStore, _exists, _fs_path, interrupted_creation,
-                                     remove_store)
+from pipeline.datasets.store import EpisodeWriter, TransitionStore, interrupted_creation, remove_store
+from pipeline.datasets.urls import display_url, exists, fs_path, store_location
 from pipeline.envs.driving import reward_difference
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
+from pipeline.progress import ProgressBar, stderr_terminal
 
 
 def _differences(store: TransitionStore, reference: TransitionStore) -> list[str]:
@@ -124,6 +124,9 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
     fails on a damaged source removes the output it created. ``overwrite`` replaces a zarr store
     already at ``out``. ``verify``: check every chunk read against its checksum.
     Returns ``{"out", "episodes", "transitions", "sources", "duplicates", "resumed"}``.
+
+    Long because every refusal must come before the writer opens the output (a refused merge
+    writes nothing), in the order a user meets them; the steps after it are small helpers.
     """
     if len(sources) < 2:
         raise PipelineError("merge needs at least two stores")
@@ -137,12 +140,12 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
     if twice is not None:
         raise StoreError(f"{display_url(twice)} is given twice; merging a store with itself would "
                          "repeat every episode")
-    exists = _exists(*_fs_path(out, None))
-    cut_short = resume and exists and interrupted_creation(out)  # killed before the store was made
-    exists = exists and not cut_short
+    out_exists = exists(*fs_path(out, None))
+    cut_short = resume and out_exists and interrupted_creation(out)  # killed before the store was made
+    out_exists = out_exists and not cut_short
     marker = {"operation": "merge", "out": display_url(out), "sources": [display_url(u) for u in sources]}
-    previous = TransitionStore(out, verify=verify, allow_unfinished=True) if resume and exists else None
-    if exists and not (overwrite or resume):
+    previous = TransitionStore(out, verify=verify, allow_unfinished=True) if resume and out_exists else None
+    if out_exists and not (overwrite or resume):
         raise StoreError(f"{display_url(out)} already exists; pass --overwrite to replace it"
                          + (" or --resume to complete it" if _is_unfinished(out) else ""))
     stores = [TransitionStore(url, verify=verify) for url in sources]
@@ -173,7 +176,8 @@ def merge_stores(sources: list[str], out: str, *, overwrite: bool = False, resum
                            sources=None if previous is not None else provenance, unfinished=marker,
                            reward=stores[0].reward_definition)
     try:
-        with writer, _Progress(progress, f"merge -> {display_url(out)}", len(plan), unit="items") as bar:
+        console = stderr_terminal() if progress else None
+        with writer, ProgressBar(console is not None, f"merge -> {display_url(out)}", len(plan), console=console) as bar:
             bar.advance(done)
             for s, i, source in plan[done:]:
                 writer.append(stores[s].episode(i), source=renumber[source])

@@ -15,67 +15,33 @@ decode/encode, so copies are bit-exact and cheap:
   the destination with the same size and checksum (so re-running an interrupted copy resumes
   it), then the metadata documents, root last, so an interrupted copy never looks like a finished
   store; then it verifies the destination.
-- :class:`ChunkCacheStore` keeps a local copy of every chunk read from a remote store, keyed by its
-  checksum (``TransitionStore(url, cache=DIR)``).
+- the local chunk cache (``TransitionStore(url, cache=DIR)``) is
+  :class:`~pipeline.datasets.chunks.ChunkCacheStore`; URL and path helpers are ``datasets/urls.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import numpy as np
 import zarr
-from zarr.storage import WrapperStore
 
-from pipeline.datasets.store import (
-    _DATA_ARRAYS,
-    _EPISODE_COLUMNS,
-    CHECKSUM_ALGORITHM,
-    FORMAT_NAME,
-    _fs_path,
-    _is_local,
-    _open_group,
-    _reason,
-    checksum,
-    chunk_key,
-    committed_ends,
-    is_chunk_key,
-    is_io_error,
-    table_problems,
-    unfinished_line,
-)
+from pipeline.datasets.chunks import CHECKSUM_ALGORITHM, checksum, chunk_key, is_chunk_key
+from pipeline.datasets.store import (DATA_ARRAYS, EPISODE_COLUMNS, FORMAT_NAME, committed_ends, open_group,
+                                     table_problems, unfinished_line)
+from pipeline.datasets.urls import display_url, fs_path, io_errors, is_io_error, is_local, reason, store_location
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, StoreError
+from pipeline.progress import ProgressBar, stderr_terminal
 
 #: Top-level names a store (or a partial copy of one) may hold.
-_LAYOUT_NAMES = frozenset({"zarr.json", "episodes", *_DATA_ARRAYS})
+_LAYOUT_NAMES = frozenset({"zarr.json", "episodes", *DATA_ARRAYS})
 # Objects per read/write round: remote filesystems fetch and put a round concurrently.
 _BATCH_OBJECTS = 64
 _BATCH_BYTES = 64 << 20
-
-
-def display_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part: safe to print and to record as provenance."""
-    parts = urlsplit(str(url))
-    if parts.netloc and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return str(url)
-
-
-def store_location(url: str, storage_options: dict | None = None) -> tuple[str, str]:
-    """(filesystem, path) naming where ``url`` points, equal for two spellings of one place."""
-    fs, path = _fs_path(url, storage_options)
-    if _is_local(fs):
-        return "file", os.path.realpath(path)
-    return type(fs).__name__, path.rstrip("/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,14 +100,11 @@ class _Inspection:
 def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     """Every object under ``root``: relative key -> size in bytes."""
     fs.invalidate_cache()
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
-        if not is_io_error(e):
-            raise
-        raise StoreError(f"cannot list {fs.unstrip_protocol(root)}: {_reason(e)}") from None
+    with io_errors(f"cannot list {fs.unstrip_protocol(root)}"):
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return {}
     prefix = root.rstrip("/") + "/"
     return {path[len(prefix):]: int(info.get("size") or 0)
             for path, info in found.items() if path.startswith(prefix)}
@@ -152,9 +115,13 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
 
     Raises :class:`StoreError` when ``url`` is not a readable pipeline store at all (missing, not
     zarr, another format or version, not data only); lists every other problem in the report.
+
+    Long because it is verify's checklist in the order the checks depend on each other (specs,
+    counts, recorded checksums, array layout, the table, then the data arrays' chunks), each
+    finding appended to one report; split up, the pieces would pass the same half-built state on.
     """
-    group = _open_group(url, storage_options, read_only=True)
-    fs, root = _fs_path(url, storage_options)
+    group = open_group(url, storage_options, read_only=True)
+    fs, root = fs_path(url, storage_options)
     attrs = dict(group.attrs)
     report = VerifyReport(display_url(url))
     found = _Inspection(group, _listing(fs, root), {}, report, [])
@@ -164,7 +131,7 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
         obs_spec = ObsSpec.from_dict(attrs["obs_spec"])
         action_spec = ActionSpec.from_dict(attrs["action_spec"])
     except (KeyError, TypeError, ValueError, PipelineError) as e:
-        problem("spec", "attrs", f"invalid observation/action spec ({_reason(e)})")
+        problem("spec", "attrs", f"invalid observation/action spec ({reason(e)})")
         return found
     n = attrs.get("committed_episodes")
     if not isinstance(n, int) or n < 0:
@@ -182,7 +149,7 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
     s = obs_spec.image_size
     trailing = {"frames": (s, s), "vector": (obs_spec.vector_dim,), "action": (action_spec.dim,),
                 **{name: () for name in ("reward", "terminated", "truncated")},
-                **{f"episodes/{c}": () for c in _EPISODE_COLUMNS}}
+                **{f"episodes/{c}": () for c in EPISODE_COLUMNS}}
     members = dict(group.members(max_depth=None))  # one concurrent round of metadata reads
     arrays: dict[str, zarr.Array] = {}
     for name, shape in trailing.items():
@@ -215,11 +182,11 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
         return planned
 
     # The table first, hashed before it is read: the data arrays' committed ends come from it.
-    columns = [f"episodes/{c}" for c in _EPISODE_COLUMNS if f"episodes/{c}" in arrays]
+    columns = [f"episodes/{c}" for c in EPISODE_COLUMNS if f"episodes/{c}" in arrays]
     before = len(report.problems)
     _hash_chunks(fs, root, [c for name in columns for c in plan(name, n)], report)
     ends = None
-    required = [f"episodes/{c}" for c in _EPISODE_COLUMNS if c != "source"]
+    required = [f"episodes/{c}" for c in EPISODE_COLUMNS if c != "source"]
     # A missing table chunk would read as zeros; a corrupt one fails to decode or shows up as
     # inconsistent offsets, reported along with its checksum mismatch.
     intact = not any(p.kind in ("missing_chunk", "truncated") for p in report.problems[before:])
@@ -231,11 +198,11 @@ def _inspect(url: str, storage_options: dict | None) -> _Inspection:
                                    for where, message in table_problems(table, attrs, obs_spec.frame_stack))
             ends = committed_ends(table, obs_spec.frame_stack)
         except Exception as e:  # noqa: BLE001 - a codec failure may raise any error type
-            problem("table", "episodes", f"cannot read the episodes table ({_reason(e)})")
+            problem("table", "episodes", f"cannot read the episodes table ({reason(e)})")
     if ends is None:
         problem("table", "episodes", "the episodes table is damaged: checking every chunk within "
                                      "each data array's shape instead of its committed rows")
-    for name in _DATA_ARRAYS:
+    for name in DATA_ARRAYS:
         if name in arrays:
             found.chunks += plan(name, ends[name] if ends else arrays[name].shape[0])
     return found
@@ -258,53 +225,19 @@ def _read(fs: fsspec.AbstractFileSystem, root: str, keys: list[str]) -> dict[str
     if not keys:
         return {}
     paths = {f"{root}/{key}": key for key in keys}
-    try:
+    with io_errors(f"cannot read from {fs.unstrip_protocol(root)}"):
         got = fs.cat(list(paths), on_error="return")
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
-        if not is_io_error(e):
-            raise
-        raise StoreError(f"cannot read from {fs.unstrip_protocol(root)}: {_reason(e)}") from None
     found = {paths.get(path, path): value for path, value in got.items()}
     return {key: found[key] if isinstance(found.get(key), bytes) else None for key in keys}
 
 
-class _Progress:
-    """A rich progress bar on a terminal's stderr counting bytes (or items with
-    ``unit="items"``), or nothing."""
-
-    def __init__(self, enabled: bool, description: str, total: int, unit: str = "bytes"):
-        from rich.console import Console
-
-        self.bar = None
-        console = Console(stderr=True)
-        if enabled and console.is_terminal:
-            from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
-                                       TextColumn, TimeRemainingColumn, TransferSpeedColumn)
-            from rich.table import Column
-
-            counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-            # A long URL is cut and the bar shrinks (ratio=1) before any figure does at 80 columns.
-            described = TextColumn("{task.description}", table_column=Column(max_width=32, overflow="ellipsis",
-                                                                              no_wrap=True))
-            self.bar = Progress(described, BarColumn(bar_width=None, table_column=Column(ratio=1)), *counts,
-                                TimeRemainingColumn(), console=console, transient=True)
-            self.task = self.bar.add_task(description, total=total)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def advance(self, amount: int = 1) -> None:
-        if self.bar:
-            self.bar.advance(self.task, amount)
-
-    def __exit__(self, *_):
-        if self.bar:
-            self.bar.stop()
+def _bytes_bar(enabled: bool, label: str, total: int) -> ProgressBar:
+    """Bytes done and their rate on a terminal's stderr (stdout may carry ``--json``)."""
+    console = stderr_terminal() if enabled else None
+    return ProgressBar(console is not None, label, total, unit="bytes", console=console)
 
 
-def _hash_chunks(fs, root: str, chunks: list[_Chunk], report: VerifyReport, bar: _Progress | None = None) -> None:
+def _hash_chunks(fs, root: str, chunks: list[_Chunk], report: VerifyReport, bar: ProgressBar | None = None) -> None:
     """Read ``chunks`` and compare them with their recorded checksums; findings go to ``report``."""
     for batch in _batches(chunks, lambda c: c.size):
         data = _read(fs, root, [c.key for c in batch])
@@ -333,8 +266,8 @@ def verify_store(url: str, storage_options: dict | None = None, progress: bool =
     Raises :class:`StoreError` only when ``url`` is not a readable pipeline store at all.
     """
     found = _inspect(url, storage_options)
-    fs, root = _fs_path(url, storage_options)
-    with _Progress(progress, f"verify {display_url(url)}", sum(c.size for c in found.chunks)) as bar:
+    fs, root = fs_path(url, storage_options)
+    with _bytes_bar(progress, f"verify {display_url(url)}", sum(c.size for c in found.chunks)) as bar:
         _hash_chunks(fs, root, found.chunks, found.report, bar)
     return found.report
 
@@ -352,7 +285,7 @@ def _root_attrs(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
     except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O or bad JSON
         if not (is_io_error(e) or isinstance(e, ValueError)):
             raise
-        raise StoreError(f"cannot read {fs.unstrip_protocol(root)}/zarr.json: {_reason(e)}") from None
+        raise StoreError(f"cannot read {fs.unstrip_protocol(root)}/zarr.json: {reason(e)}") from None
 
 
 def _identity(attrs: dict) -> tuple:
@@ -385,14 +318,14 @@ def _check_destination(dst: str, fs, root: str, listing: dict[str, int], source_
     try:
         fs.rm(root, recursive=True)  # a zarr store (it has a root zarr.json), nothing else
     except OSError as e:
-        raise StoreError(f"cannot delete {display_url(dst)}: {_reason(e)}") from None
+        raise StoreError(f"cannot delete {display_url(dst)}: {reason(e)}") from None
     return {}
 
 
 def _write(fs: fsspec.AbstractFileSystem, root: str, objects: dict[str, bytes]) -> None:
     """Put ``objects`` (key -> bytes) under ``root``; remote filesystems put them concurrently."""
     paths = {f"{root}/{key}": value for key, value in objects.items()}
-    if _is_local(fs):
+    if is_local(fs):
         for path in paths:
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe(paths)
@@ -418,6 +351,9 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
 
     ``verify=False`` copies chunks without comparing them with their checksums and skips the
     final verification (its report then says 0 chunks checked).
+
+    Long because the copy's order is its crash safety (refusals, chunks, metadata deepest first
+    and the root last, then verification); one function keeps that order readable top to bottom.
     """
     if store_location(src, src_options) == store_location(dst, dst_options):
         raise StoreError(f"source and destination are the same store: {display_url(src)}")
@@ -426,8 +362,8 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
         first = found.report.problems[0]
         raise StoreError(f"{display_url(src)} has {len(found.report.problems)} problem(s), first: "
                          f"{first}; not copying it (see `pipeline datasets verify`)")
-    src_fs, src_root = _fs_path(src, src_options)
-    dst_fs, dst_root = _fs_path(dst, dst_options)
+    src_fs, src_root = fs_path(src, src_options)
+    dst_fs, dst_root = fs_path(dst, dst_options)
     # Uncommitted chunks a crashed writer left past the committed rows have no checksum and are
     # not copied; neither is anything outside the layout.
     chunks = sorted(k for k in found.listing if k in found.digests)
@@ -448,7 +384,7 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
     stats = {"copied": 0, "skipped": 0, "bytes_copied": 0, "bytes_skipped": 0, "deleted": 0}
     total = sum(found.listing[k] for k in chunks) + sum(map(len, metadata.values()))
     try:
-        with _Progress(progress, f"copy {display_url(src)} -> {display_url(dst)}", total) as bar:
+        with _bytes_bar(progress, f"copy {display_url(src)} -> {display_url(dst)}", total) as bar:
             for batch in _batches(chunks, lambda k: found.listing[k]):
                 _copy_chunks(batch, found, src, src_fs, src_root, dst_fs, dst_root, dst_listing,
                              tolerated if verify else set(found.digests), stats, bar)
@@ -464,7 +400,7 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
     except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
         if not is_io_error(e):
             raise
-        raise StoreError(f"copy to {display_url(dst)} stopped ({_reason(e)}); "
+        raise StoreError(f"copy to {display_url(dst)} stopped ({reason(e)}); "
                          "run the same command again to resume it") from None
     report = verify_store(dst, dst_options, progress=progress) if verify else _inspect(dst, dst_options).report
     if not report.ok:
@@ -476,7 +412,7 @@ def copy_store(src: str, dst: str, *, src_options: dict | None = None, dst_optio
 
 def _copy_chunks(keys: list[str], found: _Inspection, src: str, src_fs, src_root: str, dst_fs,
                  dst_root: str, dst_listing: dict[str, int], tolerated: set[str], stats: dict,
-                 bar: _Progress) -> None:
+                 bar: ProgressBar) -> None:
     """One round of chunk objects: skip those already at the destination, copy the others."""
     sizes, digests = found.listing, found.digests
     maybe_there = [k for k in keys if dst_listing.get(k) == sizes[k]]
@@ -497,64 +433,3 @@ def _copy_chunks(keys: list[str], found: _Inspection, src: str, src_fs, src_root
         stats["skipped" if key in done else "copied"] += 1
         stats["bytes_skipped" if key in done else "bytes_copied"] += nbytes
         bar.advance(nbytes)
-
-
-# --------------------------------------------------------------------------------------------
-# Local chunk cache for remote reads
-
-
-class ChunkCacheStore(WrapperStore):
-    """Reads chunks from a local folder, keyed by their recorded checksum, before the remote store.
-
-    A chunk fetched remotely is kept when its bytes match its checksum; a cached file is used
-    only if it still matches. Metadata is always read from the store, so a store that grew (its
-    tail chunk rewritten, with a new checksum) is seen as it is now, and one cache folder can
-    serve any number of stores and versions. ``checksums`` (key -> sha256) is filled in by
-    :class:`~pipeline.datasets.store.TransitionStore` once the group's attrs are read.
-    """
-
-    def __init__(self, store, cache_dir: str | os.PathLike, checksums: dict[str, str] | None = None):
-        super().__init__(store)
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.checksums = {} if checksums is None else checksums
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create cache folder {self.cache_dir}: {_reason(e)}") from None
-
-    def _with_store(self, store) -> "ChunkCacheStore":
-        return type(self)(store, self.cache_dir, self.checksums)
-
-    def _path(self, digest: str) -> Path:
-        return self.cache_dir / digest[:2] / digest
-
-    def _load(self, digest: str) -> bytes | None:
-        try:
-            data = self._path(digest).read_bytes()
-        except OSError:
-            return None
-        return data if checksum(data) == digest else None
-
-    def _keep(self, digest: str, data: bytes) -> None:
-        path = self._path(digest)
-        try:
-            path.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
-                f.write(data)
-            os.replace(f.name, path)  # readers never see a partial file
-        except OSError:
-            pass  # a full or read-only cache only costs speed
-
-    async def get(self, key, prototype, byte_range=None):
-        digest = self.checksums.get(key)
-        if digest is None or byte_range is not None:
-            return await self._store.get(key, prototype, byte_range)
-        data = await asyncio.to_thread(self._load, digest)
-        if data is not None:
-            return prototype.buffer.from_bytes(data)
-        value = await self._store.get(key, prototype, byte_range)
-        if value is not None:
-            data = value.to_bytes()
-            if checksum(data) == digest:
-                await asyncio.to_thread(self._keep, digest, data)
-        return value

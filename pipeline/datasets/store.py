@@ -32,7 +32,8 @@ append cuts off. Each chunk and each metadata document is replaced atomically by
 ``attrs["checksums"]`` maps every chunk object's key (``frames/c/3/0/0``) to the sha256 of its
 bytes as stored (encoded), recorded by the writer as it writes them and committed together with
 ``committed_episodes`` (one metadata document), so ``sha256sum a.zarr/frames/c/3/0/0`` matches.
-``datasets verify`` and ``push``/``pull`` compare against them (see ``datasets/remote.py``). A crash
+``datasets verify`` and ``push``/``pull`` compare against them (see ``datasets/remote.py``;
+the checksum helpers and the store wrappers that record and check them are ``datasets/chunks.py``). A crash
 between the data and the commit leaves the chunk holding the committed end rewritten but its
 checksum old; that chunk also holds uncommitted rows, which is how verify recognises the case, and
 opening for append re-hashes it.
@@ -46,10 +47,8 @@ teammate's store never unpickles or runs anything it names.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import posixpath
-import re
 import uuid
 from datetime import datetime, timezone
 
@@ -58,10 +57,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
-from zarr.storage import WrapperStore
 
 import pipeline
+from pipeline.datasets.chunks import CHECKSUM_ALGORITHM, ChecksumStore, ChunkCacheStore, VerifyingStore, chunk_key
 from pipeline.datasets.episode import Episode
+from pipeline.datasets.urls import exists, fs_path, has_zarr_metadata, reason, zarr_store
 from pipeline.envs.spec import TERMINATIONS, ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError, StoreError
 
@@ -86,13 +86,14 @@ TERMINATION_NAMES: tuple[str, ...] = ("", *TERMINATIONS)
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
 _NUMBER_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
-_DATA_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
+#: The data arrays, in the order a writer appends them.
+DATA_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
 #: Data arrays a store of an older format may lack.
 _OPTIONAL_ARRAYS = frozenset({"expert_action"})
 #: Data arrays with one row per transition.
 _TRANSITION_ARRAYS = ("action", "reward", "terminated", "truncated", "expert_action")
-# name -> dtype of the episodes table columns
-_EPISODE_COLUMNS = {
+#: name -> dtype of the episodes table's columns (``episodes/<name>``).
+EPISODE_COLUMNS = {
     "frame_offset": "int64",
     "obs_offset": "int64",
     "step_offset": "int64",
@@ -103,8 +104,8 @@ _EPISODE_COLUMNS = {
     "termination": "int8",
     "source": "int16",
 }
-_DTYPES = {**dict(zip(_DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "bool", "bool", "float32"))),
-           **{f"episodes/{name}": dtype for name, dtype in _EPISODE_COLUMNS.items()}}
+_DTYPES = {**dict(zip(DATA_ARRAYS, ("uint8", "float32", "float32", "float32", "bool", "bool", "float32"))),
+           **{f"episodes/{name}": dtype for name, dtype in EPISODE_COLUMNS.items()}}
 #: The only attrs keys a store may hold: anything else is refused as not data we know.
 ATTRS_KEYS = frozenset({
     "format", "format_version", "id", "obs_spec", "action_spec", "routes", "meta", "software_version",
@@ -112,170 +113,6 @@ ATTRS_KEYS = frozenset({
 })
 # Plain zarr v3 codecs; a store naming any other codec (e.g. numcodecs' pickle) is refused.
 _SAFE_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"})
-CHECKSUM_ALGORITHM = "sha256"
-_INLINE_HASH_BYTES = 256 << 10  # sha256 runs at ~700 MB/s here (SHA-NI)
-_CHUNK_KEY = re.compile(r"(^|/)c/[0-9/]+$")
-
-
-# --------------------------------------------------------------------------------------------
-# URLs
-
-
-def _fs_path(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-    except (ValueError, ImportError) as e:  # unknown protocol, missing fsspec backend
-        raise StoreError(f"cannot open {url}: {e}") from None
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in fs.protocol or "local" in fs.protocol
-
-
-def _zarr_store(url: str, storage_options: dict | None, read_only: bool):
-    """A zarr store for ``url``. Local paths get zarr's LocalStore, which writes files atomically
-    (temp file + rename); fsspec's local filesystem would write chunks in place."""
-    fs, path = _fs_path(url, storage_options)
-    if _is_local(fs):
-        return zarr.storage.LocalStore(path, read_only=read_only)
-    if "::" in str(url):
-        # A chained URL such as simplecache::s3://...: zarr would rebuild it with the inner
-        # filesystem asynchronous, which the sync cache layer cannot drive; wrap this one instead.
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        return zarr.storage.FsspecStore(
-            AsyncFileSystemWrapper(fs, asynchronous=True), path=path, read_only=read_only
-        )
-    return zarr.storage.FsspecStore.from_url(
-        str(url), storage_options=storage_options, read_only=read_only
-    )
-
-
-def is_io_error(e: BaseException) -> bool:
-    """True for errors of storage I/O, including remote backends' own (botocore's "Unable to
-    locate credentials", google-auth's), which are not OSErrors."""
-    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "google", "aiohttp")
-
-
-def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """True if anything but an empty directory is at ``path``; StoreError if it can't be reached."""
-    try:
-        if not fs.exists(path):
-            return False
-        return not (fs.isdir(path) and not fs.ls(path, detail=False))
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is I/O
-        if not is_io_error(e):
-            raise
-        raise StoreError(f"cannot reach {fs.unstrip_protocol(path)}: {_reason(e)}") from None
-
-
-def _has_zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    return fs.exists(path.rstrip("/") + "/zarr.json")
-
-
-def _reason(e: Exception) -> str:
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
-
-
-def is_chunk_key(key: str) -> bool:
-    """True for a chunk object's key (``frames/c/0/0/0``), false for metadata (``zarr.json``)."""
-    return _CHUNK_KEY.search(key) is not None
-
-
-def chunk_key(array, i: int) -> str:
-    """Store key of chunk ``i`` (along the first axis) of a (sync or async) zarr ``array``."""
-    coords = (i,) + (0,) * (len(array.shape) - 1)
-    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-
-
-def checksum(data) -> str:
-    """Hex sha256 of ``data`` (bytes or a contiguous uint8 buffer): a chunk's recorded checksum."""
-    return hashlib.sha256(data).hexdigest()
-
-
-class _ChecksumStore(WrapperStore):
-    """Records the checksum of every chunk object written through it, and forgets deleted ones.
-
-    ``checksums`` (key -> hex sha256) is shared with copies zarr makes of the store.
-    """
-
-    def __init__(self, store, checksums: dict[str, str] | None = None):
-        super().__init__(store)
-        self.checksums = {} if checksums is None else checksums
-
-    def _with_store(self, store) -> "_ChecksumStore":
-        return type(self)(store, self.checksums)
-
-    async def set(self, key: str, value) -> None:
-        await self._store.set(key, value)
-        if is_chunk_key(key):
-            # hashlib releases the GIL: hashing in a thread overlaps the other arrays' encoding.
-            self.checksums[key] = await asyncio.to_thread(checksum, value.as_numpy_array())
-
-    async def delete(self, key: str) -> None:
-        await self._store.delete(key)
-        self.checksums.pop(key, None)
-
-    async def rehash(self, key: str) -> None:
-        """Record the checksum of ``key`` as it is stored now (forget it if it is missing)."""
-        from zarr.core.buffer import default_buffer_prototype
-
-        value = await self._store.get(key, prototype=default_buffer_prototype())
-        if value is None:
-            self.checksums.pop(key, None)
-        else:
-            self.checksums[key] = checksum(value.as_numpy_array())
-
-
-class _VerifyingStore(WrapperStore):
-    """Checks every chunk object read through it against its recorded checksum, before zarr
-    decodes it, so a reader never computes on damaged or missing data.
-
-    Left unarmed (``checksums`` None) while the group's metadata is opened; :meth:`arm` gives it
-    the recorded checksums. A chunk that is gone, has no checksum, or whose bytes differ raises a
-    one-line :class:`StoreError` naming the array, the chunk and the store. ``tolerated`` are the
-    chunks holding a committed end *and* rows past it: a writer that is open or died mid-append
-    rewrites them after their checksum (see the module doc), so a mismatch there is not damage.
-    """
-
-    def __init__(self, store, url: str, state: dict | None = None):
-        super().__init__(store)
-        self.url = url
-        # shared with the copies zarr makes of the store (read-only views, ...)
-        self.state = {"checksums": None, "tolerated": frozenset()} if state is None else state
-
-    def _with_store(self, store) -> "_VerifyingStore":
-        return type(self)(store, self.url, self.state)
-
-    def arm(self, checksums: dict[str, str], tolerated=frozenset()) -> None:
-        self.state.update(checksums=checksums, tolerated=frozenset(tolerated))
-
-    def tolerate(self, keys) -> None:
-        self.state["tolerated"] = self.state["tolerated"] | frozenset(keys)
-
-    def _fail(self, key: str, what: str) -> StoreError:
-        array, _, index = key.partition("/c/")
-        return StoreError(f"{self.url}: chunk {index.split('/')[0]} of array {array} ({key}) {what}; "
-                          f"see `pipeline datasets verify {self.url}`, or pass --no-verify to read it anyway")
-
-    async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
-        checksums = self.state["checksums"]
-        if checksums is None or byte_range is not None or not is_chunk_key(key):
-            return value
-        digest = checksums.get(key)
-        if value is None:
-            raise self._fail(key, "is missing")
-        if digest is None:
-            raise self._fail(key, "has no recorded checksum")
-        if key not in self.state["tolerated"]:
-            data = value.as_numpy_array()
-            # hashlib releases the GIL: a big chunk is hashed in a thread, overlapping the other
-            # chunks' decoding; below ~0.3 ms of hashing the thread hand-off costs more than it saves.
-            found = await asyncio.to_thread(checksum, data) if data.nbytes > _INLINE_HASH_BYTES else checksum(data)
-            if found != digest:
-                raise self._fail(key, "does not match its recorded sha256 (corrupt)")
-        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +152,7 @@ def check_data_only(url: str, group: zarr.Group) -> None:
     try:
         members = list(group.members(max_depth=None))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, zarr.errors.BaseZarrError) as e:
-        raise StoreError(f"{url} has an array zarr cannot open: {_reason(e)}") from None
+        raise StoreError(f"{url} has an array zarr cannot open: {reason(e)}") from None
     for name, member in members:
         if dict(member.attrs):
             raise StoreError(f"{url}: {name} has attributes; a dataset keeps attributes at the top only")
@@ -333,24 +170,24 @@ def check_data_only(url: str, group: zarr.Group) -> None:
                              f"allowed: {sorted(_SAFE_CODECS)}")
 
 
-def _open_group(url: str, storage_options: dict | None, read_only: bool, store=None) -> zarr.Group:
+def open_group(url: str, storage_options: dict | None, read_only: bool, store=None) -> zarr.Group:
     """Open an existing pipeline dataset group, or raise :class:`StoreError` saying why not.
 
     ``store`` (a zarr store for ``url``) defaults to the plain one for the URL.
     """
-    fs, path = _fs_path(url, storage_options)
-    if not _exists(fs, path):
+    fs, path = fs_path(url, storage_options)
+    if not exists(fs, path):
         raise StoreError(f"no dataset store at {url}")
-    if not _has_zarr_metadata(fs, path):
+    if not has_zarr_metadata(fs, path):
         raise StoreError(f"{url} is not a pipeline dataset (no zarr group there)")
     try:
         group = zarr.open_group(
-            store or _zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
+            store or zarr_store(url, storage_options, read_only), mode="r" if read_only else "r+"
         )
     except (TypeError, AttributeError):  # JSON, but not a metadata document (say [1, 2, 3])
         raise StoreError(f"{url} is not a readable zarr group: its zarr.json is not zarr metadata") from None
     except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
-        raise StoreError(f"{url} is not a readable zarr group: {_reason(e)}") from None
+        raise StoreError(f"{url} is not a readable zarr group: {reason(e)}") from None
     _check_format(url, dict(group.attrs))
     check_data_only(url, group)
     return group
@@ -359,14 +196,14 @@ def _open_group(url: str, storage_options: dict | None, read_only: bool, store=N
 def committed_ends(table: dict[str, np.ndarray], frame_stack: int) -> dict[str, int]:
     """Rows of each data array (and ``episodes/<column>``) that the committed ``table`` occupies."""
     n = len(table["length"])
-    ends = dict.fromkeys(_DATA_ARRAYS, 0)
+    ends = dict.fromkeys(DATA_ARRAYS, 0)
     if n:
         t = int(table["length"][-1])
         ends["frames"] = int(table["frame_offset"][-1]) + frame_stack + t
         ends["vector"] = int(table["obs_offset"][-1]) + t + 1
         for name in _TRANSITION_ARRAYS:
             ends[name] = int(table["step_offset"][-1]) + t
-    ends.update({f"episodes/{name}": n for name in _EPISODE_COLUMNS})
+    ends.update({f"episodes/{name}": n for name in EPISODE_COLUMNS})
     return ends
 
 
@@ -378,7 +215,7 @@ def _arrays(group: zarr.Group) -> dict[str, zarr.Array]:
 
 def _read_table(arrays: dict[str, zarr.Array], n: int) -> dict[str, np.ndarray]:
     table = {}
-    for name, dtype in _EPISODE_COLUMNS.items():
+    for name, dtype in EPISODE_COLUMNS.items():
         if name == "source" and f"episodes/{name}" not in arrays:
             table[name] = np.full(n, -1, dtype)  # written before stores recorded provenance
         else:
@@ -421,14 +258,14 @@ def _tail_chunks(arrays: dict[str, zarr.Array], ends: dict[str, int]) -> set[str
     return keys
 
 
-def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = None
+def _committed(url: str, group: zarr.Group, verifier: VerifyingStore | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, zarr.Array]]:
     """The committed rows of the episodes table, the rows of each data array they occupy, and
     the store's arrays by path.
 
     Refuses (:class:`StoreError`) a table that is short, unreadable or does not agree with the
     data arrays, so no reader computes on a damaged table. ``verifier`` (the group's
-    :class:`_VerifyingStore`) is told which tail chunks may differ from their checksums.
+    :class:`VerifyingStore`) is told which tail chunks may differ from their checksums.
     """
     n = group.attrs.get("committed_episodes", 0)
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -436,7 +273,7 @@ def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = N
     k = int(group.attrs["obs_spec"]["frame_stack"])
     try:
         arrays = _arrays(group)
-        columns = {f"episodes/{name}": n for name in _EPISODE_COLUMNS}
+        columns = {f"episodes/{name}": n for name in EPISODE_COLUMNS}
         if verifier is not None:
             verifier.tolerate(_tail_chunks(arrays, columns))
         table = _read_table(arrays, n)
@@ -445,7 +282,7 @@ def _committed(url: str, group: zarr.Group, verifier: _VerifyingStore | None = N
     except PipelineError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged chunk read unverified may fail in any codec
-        raise StoreError(f"{url}: cannot read the episodes table ({_reason(e)})") from None
+        raise StoreError(f"{url}: cannot read the episodes table ({reason(e)})") from None
     if any(len(column) < n for column in table.values()):
         raise StoreError(f"{url} is corrupt: the episodes table has fewer than {n} committed rows")
     problems = table_problems(table, dict(group.attrs), k)
@@ -488,7 +325,7 @@ class TransitionStore:
         """``url``: a path or any fsspec URL (``s3://bucket/a.zarr``; chained ones such as
         ``simplecache::s3://...`` too). ``cache``: a local folder keeping a copy of every chunk
         read, keyed by its checksum, so a second run reads a remote store from disk and a chunk
-        that changed remotely (the store grew) is fetched again (see ``datasets/remote.py``).
+        that changed remotely (the store grew) is fetched again (see ``datasets/chunks.py``).
 
         ``verify``: check every chunk read (the episodes table, and whatever is read from the
         arrays later) against its recorded sha256 as it is fetched; a missing or damaged chunk
@@ -498,13 +335,11 @@ class TransitionStore:
         self.url = str(url)
         store = None
         if cache is not None:
-            from pipeline.datasets.remote import ChunkCacheStore
-
-            store = ChunkCacheStore(_zarr_store(self.url, storage_options, True), cache)
+            store = ChunkCacheStore(zarr_store(self.url, storage_options, True), cache)
         verifier = None
         if verify:
-            store = verifier = _VerifyingStore(store or _zarr_store(self.url, storage_options, True), self.url)
-        self.group = _open_group(self.url, storage_options, read_only=True, store=store)
+            store = verifier = VerifyingStore(store or zarr_store(self.url, storage_options, True), self.url)
+        self.group = open_group(self.url, storage_options, read_only=True, store=store)
         self.attrs: dict = dict(self.group.attrs)
         recorded = self.attrs.get("checksums") or {}
         chunks = recorded.get("chunks") if recorded.get("algorithm") == CHECKSUM_ALGORITHM else None
@@ -527,7 +362,7 @@ class TransitionStore:
             self.obs_spec = ObsSpec.from_dict(self.attrs["obs_spec"])
             self.action_spec = ActionSpec.from_dict(self.attrs["action_spec"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StoreError(f"{self.url} has an invalid observation/action spec ({_reason(e)})") from None
+            raise StoreError(f"{self.url} has an invalid observation/action spec ({reason(e)})") from None
         self.episodes, ends, arrays = _committed(self.url, self.group, verifier)
         self.frames: zarr.Array = arrays["frames"]
         self.vector: zarr.Array = arrays["vector"]
@@ -729,7 +564,7 @@ def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
     layout's arrays under a root group without attributes (they are written last), or not even
     the root document. zarr's local writes go through ``<name>.<uuid>.partial`` files, which a
     kill leaves behind too."""
-    fs, path = _fs_path(url, storage_options)
+    fs, path = fs_path(url, storage_options)
     try:
         names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
         names = {name for name in names if not name.endswith(".partial")}
@@ -739,18 +574,18 @@ def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
     except (OSError, ValueError):
         return False
     return (isinstance(root, dict) and root.get("node_type") == "group" and not root.get("attributes")
-            and names <= {"zarr.json", "episodes", *_DATA_ARRAYS})
+            and names <= {"zarr.json", "episodes", *DATA_ARRAYS})
 
 
 def remove_store(url: str, storage_options: dict | None = None) -> None:
     """Delete the zarr store at ``url`` (nothing happens where there is none)."""
-    fs, path = _fs_path(url, storage_options)
-    if not _has_zarr_metadata(fs, path):
+    fs, path = fs_path(url, storage_options)
+    if not has_zarr_metadata(fs, path):
         return
     try:
         fs.rm(path, recursive=True)
     except OSError as e:
-        raise StoreError(f"cannot delete {url}: {_reason(e)}") from None
+        raise StoreError(f"cannot delete {url}: {reason(e)}") from None
 
 
 def _gather(*coroutines) -> None:
@@ -806,34 +641,34 @@ class EpisodeWriter:
         self.storage_options = storage_options
         self.reward = _json_meta(reward) if reward is not None else None
         meta = _json_meta(meta)
-        fs, path = _fs_path(self.url, storage_options)
-        exists = _exists(fs, path)
-        if mode == "create" and exists:
+        fs, path = fs_path(self.url, storage_options)
+        present = exists(fs, path)
+        if mode == "create" and present:
             raise StoreError(
                 f"{self.url} already exists; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
-        if mode == "overwrite" and exists:
+        if mode == "overwrite" and present:
             self._delete(fs, path)
-            exists = False
-        elif mode == "append" and exists and interrupted_creation(self.url, storage_options):
+            present = False
+        elif mode == "append" and present and interrupted_creation(self.url, storage_options):
             try:  # a creation cut short holds no episode: appending to it starts it again
                 fs.rm(path, recursive=True)
             except OSError as e:
-                raise StoreError(f"cannot delete {self.url}: {_reason(e)}") from None
-            exists = False
-        if sources is not None and mode == "append" and exists:
+                raise StoreError(f"cannot delete {self.url}: {reason(e)}") from None
+            present = False
+        if sources is not None and mode == "append" and present:
             raise ValueError("sources can only be given to a new store")
         # Every chunk written or deleted goes through this store, which keeps the checksums.
-        self._store = _ChecksumStore(_zarr_store(self.url, storage_options, False))
+        self._store = ChecksumStore(zarr_store(self.url, storage_options, False))
         self._unfinished = _json_meta(unfinished) if unfinished else None
         try:
-            if mode == "append" and exists:
+            if mode == "append" and present:
                 self.group = self._open_for_append(meta)
             else:
                 self.group = self._create(meta, _json_meta({"sources": sources or []})["sources"])
         except OSError as e:
-            raise StoreError(f"cannot write dataset store at {self.url}: {_reason(e)}") from None
+            raise StoreError(f"cannot write dataset store at {self.url}: {reason(e)}") from None
         self._routes: list[str] = list(self.group.attrs["routes"])
         self._num_sources = len(self.group.attrs.get("sources", []))
         self._closed = False
@@ -842,7 +677,7 @@ class EpisodeWriter:
 
     def _delete(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         # Only ever delete a zarr store: a mistyped --out must not wipe an unrelated directory.
-        if not _has_zarr_metadata(fs, path):
+        if not has_zarr_metadata(fs, path):
             raise StoreError(f"refusing to overwrite {self.url}: it exists and is not a zarr store")
         remove_store(self.url, self.storage_options)
 
@@ -866,7 +701,7 @@ class EpisodeWriter:
                 fill_value=fill, dimension_names=dims,
             )
         table = group.create_group("episodes")
-        for name, dtype in _EPISODE_COLUMNS.items():
+        for name, dtype in EPISODE_COLUMNS.items():
             table.create_array(
                 name, shape=(0,), chunks=(EPISODE_CHUNK,), dtype=dtype, compressors=_NUMBER_CODEC,
                 fill_value=0, dimension_names=("episode",),
@@ -894,25 +729,20 @@ class EpisodeWriter:
                 **({"unfinished": self._unfinished} if self._unfinished else {}),
             }
         )
-        self._columns = {name: _Column(group[name], 0) for name in _DATA_ARRAYS}
-        self._table = {name: _Column(group["episodes"][name], 0) for name in _EPISODE_COLUMNS}
+        self._columns = {name: _Column(group[name], 0) for name in DATA_ARRAYS}
+        self._table = {name: _Column(group["episodes"][name], 0) for name in EPISODE_COLUMNS}
         self._committed = 0
         return group
 
     def _open_for_append(self, meta: dict) -> zarr.Group:
-        group = _open_group(self.url, self.storage_options, read_only=False, store=self._store)
+        group = open_group(self.url, self.storage_options, read_only=False, store=self._store)
         attrs = dict(group.attrs)
         if attrs.get("unfinished") and attrs["unfinished"] != self._unfinished:
             raise StoreError(f"{self.url} is an unfinished merge ({unfinished_line(attrs['unfinished'])})")
         self._store.checksums.update((attrs.get("checksums") or {}).get("chunks", {}))
         stored = ObsSpec.from_dict(attrs["obs_spec"])
         self.obs_spec.check_compatible(stored, f"dataset store {self.url}")
-        stored_action = ActionSpec.from_dict(attrs["action_spec"])
-        if stored_action != self.action_spec:
-            raise SpecMismatchError(
-                f"dataset store {self.url} has a different action spec (fields: "
-                f"{list(stored_action.fields)!r} != {list(self.action_spec.fields)!r})"
-            )
+        self.action_spec.check_compatible(ActionSpec.from_dict(attrs["action_spec"]), f"dataset store {self.url}")
         from pipeline.envs.driving import reward_difference
 
         difference = reward_difference(attrs.get("reward"), self.reward)
@@ -929,9 +759,9 @@ class EpisodeWriter:
                 "source", shape=(self._committed,), chunks=(EPISODE_CHUNK,), dtype="int16",
                 compressors=_NUMBER_CODEC, fill_value=0, dimension_names=("episode",))
             column[:] = table["source"]
-        self._columns = {name: _Column(group[name], ends[name]) for name in _DATA_ARRAYS}
+        self._columns = {name: _Column(group[name], ends[name]) for name in DATA_ARRAYS}
         self._table = {
-            name: _Column(group["episodes"][name], self._committed) for name in _EPISODE_COLUMNS
+            name: _Column(group["episodes"][name], self._committed) for name in EPISODE_COLUMNS
         }
         # A writer that died between its data and its commit rewrote the chunk holding each
         # committed end (committed rows + its uncommitted ones): record what is there now, then
@@ -1013,7 +843,7 @@ class EpisodeWriter:
         routes = list(self._routes)
         ends = {name: self._columns[name].end for name in ("frames", "vector", "action")}
         data: dict[str, list[np.ndarray]] = {}
-        rows: dict[str, list] = {name: [] for name in _EPISODE_COLUMNS}
+        rows: dict[str, list] = {name: [] for name in EPISODE_COLUMNS}
         for episode, source in zip(episodes, sources):
             if not -1 <= source < self._num_sources:
                 raise ValueError(f"source {source} out of range ({self._num_sources} sources)")
@@ -1039,11 +869,11 @@ class EpisodeWriter:
                 ends[name] += len(arrays[name])
         try:
             self._write_data({name: np.concatenate(parts) for name, parts in data.items()})
-            self._write_rows({name: np.array(values, dtype=_EPISODE_COLUMNS[name]) for name, values in rows.items()})
+            self._write_rows({name: np.array(values, dtype=EPISODE_COLUMNS[name]) for name, values in rows.items()})
             self._commit(self._committed + len(episodes), routes)
         except OSError as e:
             raise StoreError(
-                f"writing episode {self._committed} to {self.url} failed ({_reason(e)}); "
+                f"writing episode {self._committed} to {self.url} failed ({reason(e)}); "
                 f"the {self._committed} committed episodes are intact"
             ) from None
         for column in (*self._columns.values(), *self._table.values()):
@@ -1075,7 +905,7 @@ class EpisodeWriter:
             try:
                 del self.group.attrs["unfinished"]
             except OSError as e:
-                raise StoreError(f"cannot finish {self.url}: {_reason(e)}") from None
+                raise StoreError(f"cannot finish {self.url}: {reason(e)}") from None
 
     def close(self) -> None:
         """Cut the arrays to their committed lengths and refuse further appends.
@@ -1091,7 +921,7 @@ class EpisodeWriter:
                 if self._store.checksums != before:  # trimming deleted chunks
                     self.group.update_attributes({"checksums": self._checksums_attr()})
             except OSError as e:
-                raise StoreError(f"cannot finish {self.url}: {_reason(e)}") from None
+                raise StoreError(f"cannot finish {self.url}: {reason(e)}") from None
 
     def __enter__(self) -> "EpisodeWriter":
         return self

@@ -33,7 +33,6 @@ from typing import Callable
 import carla
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 
 from pipeline.envs import bev
 from pipeline.envs.carla_infractions import TrafficRules
@@ -207,12 +206,7 @@ class CarlaDrivingEnv(gym.Env):
         self.timeout, self.tm_port, self.vehicle_blueprint = timeout, tm_port, vehicle
         self.walkers = int(route.extra.get("walkers", 0) if walkers is None else walkers)
         self.action_spec = ActionSpec()
-        self.observation_space = spaces.Dict(
-            {
-                "frame": spaces.Box(0, 255, (obs_spec.image_size,) * 2, np.uint8),
-                "vector": spaces.Box(-np.inf, np.inf, (obs_spec.vector_dim,), np.float32),
-            }
-        )
+        self.observation_space = obs_spec.frame_space()
         self.action_space = self.action_spec.action_space()
         self.vehicle_params = {"max_steer_rad": MAX_STEER_RAD, "wheelbase_m": WHEELBASE_M,
                                "step_seconds": STEP_SECONDS}

@@ -20,7 +20,6 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import gymnasium as gym  # noqa: E402
 import highway_env  # noqa: E402,F401  (registers the racetrack envs)
 import numpy as np  # noqa: E402
-from gymnasium import spaces  # noqa: E402
 from gymnasium.envs.registration import load_env_creator  # noqa: E402
 import pygame  # noqa: E402
 from highway_env.road.lane import LineType  # noqa: E402
@@ -190,12 +189,7 @@ class EmbeddedDrivingEnv(gym.Env):
         # and highway-env's v0 ids print a deprecation warning
         sim_class = load_env_creator(gym.spec(route.scenario).entry_point)
         self._sim = sim_class(config=_highway_config(obs_spec.image_size))
-        self.observation_space = spaces.Dict(
-            {
-                "frame": spaces.Box(0, 255, (obs_spec.image_size,) * 2, np.uint8),
-                "vector": spaces.Box(-np.inf, np.inf, (obs_spec.vector_dim,), np.float32),
-            }
-        )
+        self.observation_space = obs_spec.frame_space()
         self.action_space = self.action_spec.action_space()
         self._termination = TerminationRule(max_steps or route.max_steps)
         self._frame = np.zeros((obs_spec.image_size,) * 2, np.uint8)

@@ -1,4 +1,5 @@
-"""CARLA Leaderboard route files (XML) as :class:`~pipeline.envs.routes.Route` objects.
+"""CARLA Leaderboard route files (XML), parsed into :class:`FileRoute` records (``envs/routes.py``
+turns them into the :class:`~pipeline.envs.routes.Route` objects every stage drives).
 
 Two formats, told apart by what a ``<route>`` holds:
 
@@ -25,7 +26,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pipeline.errors import PipelineError, UnknownRouteError
+from pipeline.errors import PipelineError
 
 SUFFIX = ".xml"
 #: Leaderboard 1.0 route timeout: 8 s to start plus 0.4 s per metre (2.5 m/s), in 0.05 s ticks.
@@ -149,38 +150,7 @@ def _weather(elements: list[ET.Element], where: str) -> dict:
     return {key: _number(first, key, where) for key in first.attrib if key not in _NOT_WEATHER}
 
 
-# -- as the routes the rest of pipeline drives ---------------------------------------------------
-def to_route(path: str, file_route: FileRoute):
-    """The :class:`~pipeline.envs.routes.Route` that drives ``file_route`` of the file at ``path``."""
-    from pipeline.envs.routes import Route
-
-    first, last = file_route.waypoints[0], file_route.waypoints[-1]
-    length = file_route.length_m
-    return Route(
-        name=route_name(path, file_route.id), backend="carla", town=file_route.town,
-        description=f"Leaderboard {file_route.format} route {file_route.id} of {os.path.basename(path)}: "
-                    f"{len(file_route.waypoints)} waypoints",
-        length_m=length, max_steps=int(math.ceil((TIMEOUT_START_S + TIMEOUT_S_PER_M * length) / TICK_S)),
-        target_speed=TARGET_SPEED_MS, traffic=0, start=first, goal=last[:2],
-        waypoints=tuple(p[:2] for p in file_route.waypoints[1:-1]),
-        extra={"weather_parameters": dict(file_route.weather), "source": path,
-               "route_file_format": file_route.format},
-    )
-
-
-def routes_in(spec: str) -> list:
-    """``FILE.xml`` -> every route of the file; ``FILE.xml#ID`` -> that one (as ``Route`` objects)."""
-    path, route_id = split_spec(spec)
-    file_routes = read_route_file(path)
-    if route_id is None:
-        return [to_route(path, r) for r in file_routes]
-    for r in file_routes:
-        if r.id == route_id:
-            return [to_route(path, r)]
-    raise UnknownRouteError(f"route file {path} has no route {route_id!r}; its routes: "
-                            f"{', '.join(r.id for r in file_routes)}")
-
-
+# -- what the command line says about a file ----------------------------------------------------
 def scenario_note(spec: str) -> str | None:
     """One line saying that a file's scenarios are not run, or None when it has none."""
     path, route_id = split_spec(spec)

@@ -7,10 +7,14 @@ or waypoints, the evaluation seeds, traffic, the step limit and a cruise speed f
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
+from pipeline.envs import route_files
+from pipeline.envs.route_files import FileRoute
 from pipeline.errors import UnknownRouteError
 
 BACKENDS = ("embedded", "carla")
@@ -64,10 +68,8 @@ def list_routes(backend: str | None = None) -> list[Route]:
 def get_route(name: str) -> Route:
     """The route called ``name``: a named route, or one route of a Leaderboard file (``FILE.xml#ID``,
     or ``FILE.xml`` when the file holds a single route)."""
-    from pipeline.envs import route_files
-
     if route_files.is_route_file(name):
-        found = route_files.routes_in(name)
+        found = _file_routes(name)
         if len(found) > 1:
             raise UnknownRouteError(f"{name} holds {len(found)} routes; name one as {name}#ID "
                                     f"({', '.join(r.name for r in found[:3])}, ...)")
@@ -83,6 +85,35 @@ def get_route(name: str) -> Route:
 
 def resolve_routes(spec: str) -> list[Route]:
     """What ``--route SPEC`` drives: a named route, every route of ``FILE.xml``, or ``FILE.xml#ID``."""
-    from pipeline.envs import route_files
+    return _file_routes(spec) if route_files.is_route_file(spec) else [get_route(spec)]
 
-    return route_files.routes_in(spec) if route_files.is_route_file(spec) else [get_route(spec)]
+
+def _file_routes(spec: str) -> list[Route]:
+    """``FILE.xml`` -> every route of the file; ``FILE.xml#ID`` -> that one."""
+    path, route_id = route_files.split_spec(spec)
+    file_routes = route_files.read_route_file(path)
+    if route_id is None:
+        return [_from_file(path, r) for r in file_routes]
+    for r in file_routes:
+        if r.id == route_id:
+            return [_from_file(path, r)]
+    raise UnknownRouteError(f"route file {path} has no route {route_id!r}; its routes: "
+                            f"{', '.join(r.id for r in file_routes)}")
+
+
+def _from_file(path: str, file_route: FileRoute) -> Route:
+    """The route that drives ``file_route`` of the file at ``path``: CARLA, the Leaderboard 1.0
+    timeout as its step limit, the first waypoint as start, the last as goal."""
+    rf = route_files
+    first, last = file_route.waypoints[0], file_route.waypoints[-1]
+    length = file_route.length_m
+    return Route(
+        name=rf.route_name(path, file_route.id), backend="carla", town=file_route.town,
+        description=f"Leaderboard {file_route.format} route {file_route.id} of {os.path.basename(path)}: "
+                    f"{len(file_route.waypoints)} waypoints",
+        length_m=length, max_steps=int(math.ceil((rf.TIMEOUT_START_S + rf.TIMEOUT_S_PER_M * length) / rf.TICK_S)),
+        target_speed=rf.TARGET_SPEED_MS, traffic=0, start=first, goal=last[:2],
+        waypoints=tuple(p[:2] for p in file_route.waypoints[1:-1]),
+        extra={"weather_parameters": dict(file_route.weather), "source": path,
+               "route_file_format": file_route.format},
+    )

@@ -97,6 +97,16 @@ class ObsSpec:
             }
         )
 
+    def frame_space(self) -> spaces.Dict:
+        """What a backend emits per step, before the frame stack: one uint8 ``(H, W)`` frame and
+        the float32 ``(D,)`` vector."""
+        return spaces.Dict(
+            {
+                "frame": spaces.Box(0, 255, (self.image_size,) * 2, np.uint8),
+                "vector": spaces.Box(-np.inf, np.inf, (self.vector_dim,), np.float32),
+            }
+        )
+
     def to_dict(self) -> dict:
         return {
             "vector_fields": list(self.vector_fields),
@@ -153,3 +163,9 @@ class ActionSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ActionSpec":
         return cls(fields=tuple(d["fields"]))
+
+    def check_compatible(self, other: "ActionSpec", what: str) -> None:
+        """Raise :class:`SpecMismatchError` when ``what`` (a store, a checkpoint) acts otherwise."""
+        if other != self:
+            raise SpecMismatchError(f"{what} has a different action spec (fields: "
+                                    f"{list(other.fields)!r} != {list(self.fields)!r})")

@@ -30,11 +30,12 @@ import numpy as np
 from pipeline import __version__
 from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
 from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
-from pipeline.envs.policies import SCRIPTED_POLICIES
 from pipeline.envs.spec import CAMERAS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
                                    EpisodeTracker, leaderboard_summary, summarize)
+from pipeline.policies import SCRIPTED_POLICIES
+from pipeline.progress import ProgressBar
 
 REPORT_FORMAT = "pipeline.eval"
 REPORT_VERSION = 1
@@ -312,18 +313,12 @@ def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, eve
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int):
     """Yields ``advance(metrics)``: a rich progress bar of episodes, or a no-op."""
-    if not enabled:
-        yield lambda metrics: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
-                  TextColumn("{task.fields[last]}"), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("eval", total=total, last="")
+    with ProgressBar(enabled, "[bold]eval", total, unit="episodes", fields={"last": ""},
+                     template="{task.fields[last]}") as bar:
 
         def advance(m: EpisodeMetrics) -> None:
-            bar.update(task, advance=1, last=f"{m.route} seed {m.seed}: RC {m.route_completion:.0f}%, "
-                                             f"DS {m.driving_score:.1f}, {m.termination}")
+            bar.advance(1, last=f"{m.route} seed {m.seed}: RC {m.route_completion:.0f}%, "
+                                f"DS {m.driving_score:.1f}, {m.termination}")
 
         yield advance
 
@@ -373,10 +368,8 @@ def scoring_conventions() -> dict:
     }
 
 
-def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    """Run ``pipeline eval``: returns the report dict (also written to ``config.out``)."""
-    from pipeline.eval import report as report_files
-
+def _checked_routes(config: EvalConfig) -> list[Route]:
+    """The routes ``config`` drives, once its options are known to make a run (else one line)."""
     if config.episodes <= 0:
         raise PipelineError(f"--episodes must be a positive number, got {config.episodes}")
     if config.workers < 0:
@@ -392,6 +385,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             and not config.carla_servers:
         raise PipelineError("CARLA routes run one episode at a time on one server; drop --workers/--scheduler "
                             "or give one server per worker with --carla-servers")
+    return routes
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict:
+    """Run ``pipeline eval``: returns the report dict (also written to ``config.out``)."""
+    from pipeline.eval import report as report_files
+
+    routes = _checked_routes(config)
     policies = [describe_policy(name) for name in dict.fromkeys(config.policies)]
     if (Path(config.out) / "report.json").exists() and not config.overwrite:
         raise PipelineError(f"{config.out} already holds an evaluation report; pass --overwrite to "

@@ -37,11 +37,17 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.progress import ProgressBar
+
+if TYPE_CHECKING:  # for annotations only; the functions import them where they are used
+    from pipeline.datasets.replay import DictReplayBuffer
+    from pipeline.train.td3 import TD3Agent
 
 
 @dataclass
@@ -339,7 +345,13 @@ def _open_dataset(config: TrainConfig):
 
 def _route_for(config: TrainConfig, store) -> str:
     """--route, else the dataset's (first) route, else racetrack."""
-    return config.route or (list(store.routes)[0] if store is not None else "racetrack")
+    from pipeline.envs import resolve_routes
+
+    route = config.route or (list(store.routes)[0] if store is not None else "racetrack")
+    if config.eval_every and resolve_routes(route)[0].backend == "carla":
+        raise PipelineError("--eval-every needs a second env, and a CARLA server runs one at a time; "
+                            "evaluate the checkpoints with `pipeline eval` instead")
+    return route
 
 
 def _env_for(config: TrainConfig, store, route: str):
@@ -384,89 +396,140 @@ def _vector_stats(store, env, warmup: list[np.ndarray]) -> tuple[np.ndarray, np.
     return vectors.mean(0).astype(np.float32), vectors.std(0).astype(np.float32)
 
 
+@dataclass
+class _Run:
+    """What the training loop drives: built by :func:`_open_run`, for a new run or a resumed one."""
+
+    config: TrainConfig  # with the device's defaults (and, resumed, the run's learner options)
+    out: Path
+    env: object  # the gymnasium env the rollouts drive (its route is also the eval route)
+    replay: DictReplayBuffer  # the dataset and/or the online ring
+    agent: TD3Agent
+    worker: RolloutWorker | None  # None: pure offline
+    start_update: int  # 0, or the checkpoint's update count
+    pure_online: bool  # no dataset: every batch comes from the rollouts
+
+    def rollout_due(self, update: int) -> bool:
+        """A rollout chunk on the ``online_every`` schedule, or now when a pure-online run was
+        resumed with an empty ring (no episode had finished before the checkpoint)."""
+        if self.worker is None:
+            return False
+        starved = self.pure_online and self.replay.online_size == 0
+        return update % self.config.online_every == 0 or starved
+
+    def save(self, path: Path, update: int) -> None:
+        """The agent's state dict plus what :func:`_resume_state` needs to continue at ``update``."""
+        loop = {"update": update, "rng": _rng_state(), **(self.worker.state() if self.worker else {}),
+                "config": json.dumps(asdict(self.config), default=str)}
+        self.agent.save(path, extra={"loop": loop})
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict:
-    """Run (or resume) a training run; returns a summary dict. See the module docstring."""
-    from pipeline.datasets.replay import DictReplayBuffer
-    from pipeline.envs.spec import ActionSpec
-    from pipeline.envs import resolve_routes
-    from pipeline.train.td3 import TD3Agent, TD3Config, read_checkpoint, resolve_device
+    """Run (or resume) a training run; returns a summary dict. See the module docstring.
+
+    Setup, then a loop of: rollout chunk -> update -> log -> eval -> checkpoint (a checkpoint
+    taken after the eval at the same update keeps the RNG state an uninterrupted run goes on with).
+    """
+    run = _open_run(config)
+    config, out, replay, agent, worker = run.config, run.out, run.replay, run.agent, run.worker
+    last = out / "last.pt"
+    log = MetricsLog(out, resume_update=run.start_update if config.resume else None)
+    online_steps = config.online_steps or config.online_every
+    update, latest, interrupted = run.start_update, {}, False
+    started = logged_time = time.perf_counter()
+    logged_update = update
+    try:
+        with _TrainProgress(progress, total=config.steps, done=run.start_update) as bar:
+            while update < config.steps:
+                if run.rollout_due(update):
+                    worker.run(online_steps, lambda obs: agent.select_action(obs, noise=config.exploration_noise))
+                latest = agent.update(replay.sample(config.batch_size))
+                update += 1
+                bar.advance(update)
+                if update % config.log_every == 0 or update == config.steps:
+                    now = time.perf_counter()
+                    updates_per_s = (update - logged_update) / max(now - logged_time, 1e-9)
+                    scalars = _log_row(latest, updates_per_s, now - started, replay, worker)
+                    log.log(update, scalars)
+                    bar.show(update, scalars)
+                    logged_time, logged_update = now, update
+                if config.eval_every and update % config.eval_every == 0:
+                    log.log(update, _evaluate(agent, run.env.unwrapped.route.name, config))
+                if update % config.checkpoint_every == 0:
+                    run.save(out / f"step_{update}.pt", update)
+                    run.save(last, update)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        run.save(last, update)
+        replay.close()
+        log.close()
+        run.env.close()
+    return {
+        "out": str(out),
+        "updates": update,
+        "interrupted": interrupted,
+        "updates_per_s": (update - run.start_update) / max(time.perf_counter() - started, 1e-9),
+        "env_steps": worker.env_steps if worker else 0,
+        "episodes": worker.episodes if worker else 0,
+        "recent_return": float(np.mean(worker.recent_returns)) if worker and worker.recent_returns else None,
+        "last_metrics": latest,
+        "checkpoint": str(last),
+    }
+
+
+def _log_row(latest: dict, updates_per_s: float, elapsed_s: float, replay, worker) -> dict:
+    """One metrics row: the last update's losses and values, throughput, and the rollouts'
+    recent return and route completion (mean of the last 20 episodes)."""
+    scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
+    scalars["perf/updates_per_s"] = updates_per_s
+    scalars["perf/replay_wait_s"] = replay.wait_seconds
+    scalars["perf/elapsed_s"] = elapsed_s  # this process's wall time so far
+    if worker is not None:
+        scalars["rollout/env_steps"] = worker.env_steps
+        scalars["rollout/episodes"] = worker.episodes
+        if worker.recent_returns:
+            scalars["rollout/episode_return"] = float(np.mean(worker.recent_returns))
+            scalars["rollout/route_completion"] = float(np.mean(worker.recent_completions))
+    return scalars
+
+
+def _open_run(config: TrainConfig) -> _Run:
+    """Everything the loop needs, checked before anything is written: the options, the run
+    folder, the dataset and the env; then the replay buffer, the rollout worker and the agent
+    (new, or resumed from the run's checkpoint). A failure leaves no new folder behind."""
+    from pipeline.train.td3 import TD3Agent, resolve_device
 
     validate_train_config(config)
     out = Path(config.out)
-    last = out / "last.pt"
     _check_run_folder(out, config.resume)
     device = resolve_device(config.device)  # an impossible device fails before anything is opened
-    checkpoint = None
+    checkpoint, resume_from = None, None
     if config.resume:
-        resume_from = _resume_checkpoint(out)
-        checkpoint = read_checkpoint(resume_from)
-        if "loop" not in checkpoint:
-            raise PipelineError(f"{resume_from} holds an agent but no training state to resume")
+        resume_from, checkpoint = _read_resume_checkpoint(out)
         config = _check_resume_options(json.loads(checkpoint["loop"]["config"]), config, resume_from)
     config = device_defaults(config, device.type)
     store = _open_dataset(config)
     check_train_data(config, store)
-    # --online-mix 0 with data is pure offline: no rollouts at all
-    online = config.online_every > 0 and (store is None or config.online_mix > 0)
-    if store is None and not online:
-        raise PipelineError("nothing to learn from: give --data, or allow online rollouts (--online-every > 0)")
-    online_mix = 1.0 if store is None else (config.online_mix if online else 0.0)
+    online, online_mix = _online_plan(config, store)
     route = _route_for(config, store)
-    if config.eval_every and resolve_routes(route)[0].backend == "carla":
-        raise PipelineError("--eval-every needs a second env, and a CARLA server runs one at a time; "
-                            "evaluate the checkpoints with `pipeline eval` instead")
     env = _env_for(config, store, route)
-    spec = env.unwrapped.obs_spec
     reward = env.unwrapped.reward_config.to_dict()
     _warn_if_rewards_differ(store, reward, online)
+    agent = None
     if checkpoint is not None:  # a checkpoint of another spec is refused before anything is written
-        agent = TD3Agent.from_state_dict(checkpoint, config.device, spec, what=f"checkpoint {resume_from}")
-        loop_state = checkpoint["loop"]
-    _clear_leftovers(out, config.resume)
-    created = not out.exists()
-    try:  # only now that data and env are good, so a bad command leaves nothing behind
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"cannot create {out}: {e.strerror or e}") from None
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
-
+        agent = TD3Agent.from_state_dict(checkpoint, config.device, env.unwrapped.obs_spec,
+                                         what=f"checkpoint {resume_from}")
+    created = _make_run_folder(out, config.resume)
+    _seed_everything(config.seed)
     replay = None
     try:  # a failure before the loop (a bad replay option, Ctrl-C in warm-up) leaves no new folder
-        replay = DictReplayBuffer(
-            offline=store, obs_spec=spec, action_spec=ActionSpec(),
-            online_capacity=config.online_capacity if online else 0,
-            online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
-            gamma=config.gamma, device=device, prefetch=2, seed=config.seed,
-            online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
-            online_reward=reward,
-        )
+        replay = _make_replay(config, store, env, online, online_mix, device, out, reward)
         worker = RolloutWorker(env, replay, seed=config.seed * 1_000_003 + 10_000) if online else None
-        start_update = 0
-        if config.resume:
-            start_update = int(loop_state["update"])
-            if worker is not None:
-                replay.refill_online()  # the run's rollouts so far, so sampling resumes where it was
-                worker.episode_seed = int(loop_state["episode_seed"])
-                worker.episodes = int(loop_state["episodes"])
-                worker.env_steps = int(loop_state["env_steps"])
-                worker._new_episode()
-            _set_rng_state(loop_state["rng"])
+        if checkpoint is not None:
+            start_update = _resume_state(checkpoint["loop"], replay, worker)
         else:
-            warmup_vectors: list[np.ndarray] = []
-            if store is None:  # pure online: random actions first, so the buffer has a batch to sample
-                rng = np.random.default_rng(config.seed)
-
-                def random_action(obs):
-                    warmup_vectors.append(obs["vector"])  # also gives the vector normalisation
-                    return rng.uniform(-1, 1, 2).astype(np.float32)
-
-                worker.run(max(config.warmup_steps, config.batch_size), random_action)
-            mean, std = _vector_stats(store, env, warmup_vectors)
-            agent = TD3Agent(spec, ActionSpec(), TD3Config(
-                encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
-                device=config.device, compile=config.compile, seed=config.seed), vector_mean=mean, vector_std=std)
+            agent, start_update = _new_agent(config, store, env, worker), 0
             (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     except BaseException:
         if replay is not None:
@@ -475,70 +538,94 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    return _Run(config, out, env, replay, agent, worker, start_update, pure_online=store is None)
 
-    def save(path: Path, update: int) -> None:
-        loop = {"update": update, "rng": _rng_state(), **(worker.state() if worker else {}),
-                "config": json.dumps(asdict(config), default=str)}
-        agent.save(path, extra={"loop": loop})
 
-    log = MetricsLog(out, resume_update=start_update if config.resume else None)
-    online_steps = config.online_steps or config.online_every
-    update = start_update
-    started, last_log_time, last_log_update = time.perf_counter(), time.perf_counter(), start_update
-    interrupted = False
-    latest: dict = {}
-    bar = _TrainProgress(progress, total=config.steps, done=start_update)
-    try:
-        with bar:
-            while update < config.steps:
-                # a pure-online run resumed with nothing in its ring (no episode finished yet)
-                # drives a chunk now instead of waiting for the schedule
-                starved = store is None and replay.online_size == 0
-                if worker is not None and (update % config.online_every == 0 or starved):
-                    worker.run(online_steps, lambda obs: agent.select_action(obs, noise=config.exploration_noise))
-                batch = replay.sample(config.batch_size)
-                latest = agent.update(batch)
-                update += 1
-                bar.advance(update)
-                if update % config.log_every == 0 or update == config.steps:
-                    now = time.perf_counter()
-                    scalars = {f"loss/{k}" if "loss" in k else f"train/{k}": v for k, v in latest.items()}
-                    scalars["perf/updates_per_s"] = (update - last_log_update) / max(now - last_log_time, 1e-9)
-                    scalars["perf/replay_wait_s"] = replay.wait_seconds
-                    scalars["perf/elapsed_s"] = now - started  # this process's wall time so far
-                    if worker is not None:
-                        scalars["rollout/env_steps"] = worker.env_steps
-                        scalars["rollout/episodes"] = worker.episodes
-                        if worker.recent_returns:
-                            scalars["rollout/episode_return"] = float(np.mean(worker.recent_returns))
-                            scalars["rollout/route_completion"] = float(np.mean(worker.recent_completions))
-                    log.log(update, scalars)
-                    last_log_time, last_log_update = now, update
-                    bar.update(update, scalars)
-                if config.eval_every and update % config.eval_every == 0:
-                    log.log(update, _evaluate(agent, env.unwrapped.route.name, config))
-                if update % config.checkpoint_every == 0:
-                    save(out / f"step_{update}.pt", update)
-                    save(last, update)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        save(last, update)
-        replay.close()
-        log.close()
-        env.close()
-    elapsed = time.perf_counter() - started
-    return {
-        "out": str(out),
-        "updates": update,
-        "interrupted": interrupted,
-        "updates_per_s": (update - start_update) / max(elapsed, 1e-9),
-        "env_steps": worker.env_steps if worker else 0,
-        "episodes": worker.episodes if worker else 0,
-        "recent_return": float(np.mean(worker.recent_returns)) if worker and worker.recent_returns else None,
-        "last_metrics": latest,
-        "checkpoint": str(last),
-    }
+def _read_resume_checkpoint(out: Path) -> tuple[Path, dict]:
+    """The checkpoint a resumed run continues from, and its contents (with the loop's state)."""
+    from pipeline.train.td3 import read_checkpoint
+
+    resume_from = _resume_checkpoint(out)
+    checkpoint = read_checkpoint(resume_from)
+    if "loop" not in checkpoint:
+        raise PipelineError(f"{resume_from} holds an agent but no training state to resume")
+    return resume_from, checkpoint
+
+
+def _online_plan(config: TrainConfig, store) -> tuple[bool, float]:
+    """Whether the run drives rollouts, and the share of each batch they fill."""
+    # --online-mix 0 with data is pure offline: no rollouts at all
+    online = config.online_every > 0 and (store is None or config.online_mix > 0)
+    if store is None and not online:
+        raise PipelineError("nothing to learn from: give --data, or allow online rollouts (--online-every > 0)")
+    return online, 1.0 if store is None else (config.online_mix if online else 0.0)
+
+
+def _make_run_folder(out: Path, resume: bool) -> bool:
+    """Clear what a killed run left and create ``out``; True when this run created it."""
+    _clear_leftovers(out, resume)
+    created = not out.exists()
+    try:  # only now that data and env are good, so a bad command leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create {out}: {e.strerror or e}") from None
+    return created
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _make_replay(config: TrainConfig, store, env, online: bool, online_mix: float, device, out: Path, reward: dict):
+    """The replay buffer: the dataset (if any) and, with rollouts, an online ring that also
+    appends every finished episode to ``<out>/online.zarr``."""
+    from pipeline.datasets.replay import DictReplayBuffer
+    from pipeline.envs.spec import ActionSpec
+
+    return DictReplayBuffer(
+        offline=store, obs_spec=env.unwrapped.obs_spec, action_spec=ActionSpec(),
+        online_capacity=config.online_capacity if online else 0,
+        online_mix=online_mix, memory_budget=config.replay_memory, n_step=config.n_step,
+        gamma=config.gamma, device=device, prefetch=2, seed=config.seed,
+        online_store=str(out / "online.zarr") if online else None, online_route=env.unwrapped.route.name,
+        online_reward=reward,
+    )
+
+
+def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
+    """A fresh agent. Without a dataset the worker first drives random warm-up steps, which fill
+    the ring with a batch to sample and give the vector normalisation."""
+    from pipeline.envs.spec import ActionSpec
+    from pipeline.train.td3 import TD3Agent, TD3Config
+
+    warmup_vectors: list[np.ndarray] = []
+    if store is None:
+        rng = np.random.default_rng(config.seed)
+
+        def random_action(obs):
+            warmup_vectors.append(obs["vector"])
+            return rng.uniform(-1, 1, 2).astype(np.float32)
+
+        worker.run(max(config.warmup_steps, config.batch_size), random_action)
+    mean, std = _vector_stats(store, env, warmup_vectors)
+    td3 = TD3Config(encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
+                    device=config.device, compile=config.compile, seed=config.seed)
+    return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
+
+
+def _resume_state(loop_state: dict, replay, worker: RolloutWorker | None) -> int:
+    """Put the replay buffer, the rollout worker and the RNGs back where the checkpoint left
+    them; returns the update count to continue from."""
+    if worker is not None:
+        replay.refill_online()  # the run's rollouts so far, so sampling resumes where it was
+        worker.episode_seed = int(loop_state["episode_seed"])
+        worker.episodes = int(loop_state["episodes"])
+        worker.env_steps = int(loop_state["env_steps"])
+        worker._new_episode()
+    _set_rng_state(loop_state["rng"])
+    return int(loop_state["update"])
 
 
 def _evaluate(agent, route: str, config: TrainConfig) -> dict:
@@ -558,41 +645,29 @@ def _eta(elapsed: float, done: int, left: int) -> str:
     return f"eta {timedelta(seconds=round(elapsed / done * left))}"
 
 
-class _TrainProgress:
-    """rich progress bar: moves on every update (:meth:`advance`); updates/s, recent return and
-    route completion at each log step (:meth:`update`); an ETA from the start of this process."""
+class _TrainProgress(ProgressBar):
+    """The train bar: moves on every update (:meth:`advance`); updates/s, recent return and route
+    completion at each log step (:meth:`show`); an ETA from the start of this process."""
 
     def __init__(self, enabled: bool, total: int, done: int, console=None):
-        self.enabled, self.total, self.done, self.console = enabled, total, done, console
+        super().__init__(enabled, "[bold]train", total, done=done, eta=False, transient=False, console=console,
+                         fields={"status": "", "eta": _eta(0.0, 0, total - done)},
+                         template="{task.fields[status]}  {task.fields[eta]}")
+        self._started = time.perf_counter()
 
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    def __enter__(self) -> "_TrainProgress":
+        self._started = time.perf_counter()
+        return super().__enter__()
 
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TextColumn("{task.fields[eta]}"),
-                                      console=self.console)
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=self.total, completed=self.done, status="",
-                                                 eta=_eta(0.0, 0, self.total - self.done))
-            self._started = time.perf_counter()
-        return self
+    def advance(self, update: int) -> None:  # the loop knows its update count, not a step size
+        """``update`` updates done in all (this process started at ``done``)."""
+        eta = _eta(time.perf_counter() - self._started, update - self.done, self.total - update)
+        super().update(update, eta=eta)
 
-    def advance(self, update: int) -> None:
-        if self.enabled:
-            eta = _eta(time.perf_counter() - self._started, update - self.done, self.total - update)
-            self._progress.update(self._task, completed=update, eta=eta)
-
-    def update(self, update: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
+    def show(self, update: int, scalars: dict) -> None:
+        """The log row's rate, and the rollouts' recent return and completion when there are any."""
         status = f"{scalars['perf/updates_per_s']:6.1f} upd/s"
         if "rollout/episode_return" in scalars:
             status += (f"  return {scalars['rollout/episode_return']:7.2f}"
                        f"  completion {scalars['rollout/route_completion']:.2f}")
-        self._progress.update(self._task, completed=update, status=status)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._progress.stop()
-        return False
+        super().update(update, status=status)

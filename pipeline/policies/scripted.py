@@ -1,8 +1,10 @@
-"""Scripted drivers for collecting data and as evaluation baselines.
+"""Scripted drivers for collecting data and as evaluation baselines (see ``policies/base.py``
+for what a policy is).
 
-A policy is ``act(obs, info) -> action`` with ``reset(seed)`` between episodes. The expert is
-privileged: it reads ``info["state_vector"]`` (the full 23-field vector, whatever the observation
-spec hides), so it drives the same way on every backend and with any ``vector_fields``.
+The expert is privileged: it reads ``info["state_vector"]`` (the full 23-field vector, whatever
+the observation spec hides), so it drives the same way on every backend and with any
+``vector_fields``. Each class's ``for_env(env, noise, seed)`` builds it for an env: the registry in
+``policies/__init__.py`` calls it by name.
 """
 
 from __future__ import annotations
@@ -11,25 +13,21 @@ import numpy as np
 
 from pipeline.envs.spec import N_WAYPOINTS
 from pipeline.errors import PipelineError
+from pipeline.policies.base import SeededPolicy
 
-SCRIPTED_POLICIES = ("expert", "random", "autopilot")
 
-
-class RandomPolicy:
+class RandomPolicy(SeededPolicy):
     """Uniform random actions in [-1, 1]^2, seeded per episode."""
 
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
+    @classmethod
+    def for_env(cls, env, noise: float = 0.0, seed: int = 0) -> "RandomPolicy":
+        return cls(seed)  # noise on uniform noise changes nothing worth having
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
         return self.rng.uniform(-1.0, 1.0, size=2).astype(np.float32)
 
 
-class ExpertPolicy:
+class ExpertPolicy(SeededPolicy):
     """Pure pursuit on the route waypoints plus a proportional speed controller.
 
     Steering: aim at the route point ``lookahead`` metres ahead (in the ego frame) and turn with the
@@ -40,23 +38,23 @@ class ExpertPolicy:
 
     def __init__(self, vehicle_params: dict, target_speed: float = 10.0, noise: float = 0.0,
                  seed: int = 0, speed_gain: float = 0.5):
+        super().__init__(seed, noise)
         # kept by reference: CARLA fills in the real car's steering limit and wheelbase at reset
         self.vehicle_params = vehicle_params
-        self.target_speed, self.noise, self.speed_gain = target_speed, noise, speed_gain
-        self.rng = np.random.default_rng(seed)
+        self.target_speed, self.speed_gain = target_speed, speed_gain
         self.last_expert_action: np.ndarray | None = None
 
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
+    @classmethod
+    def for_env(cls, env, noise: float = 0.0, seed: int = 0) -> "ExpertPolicy":
+        """The expert at the route's cruise speed, with the backend's vehicle limits."""
+        base = env.unwrapped
+        return cls(base.vehicle_params, target_speed=base.route.target_speed, noise=noise, seed=seed)
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
         """The expert's action plus its Gaussian ``noise``, clipped to [-1, 1]. The noise-free
         action stays in ``last_expert_action``: the label collect records for this step."""
-        action = self.last_expert_action = self.expert_action(obs, info)
-        if self.noise > 0:
-            action = np.clip(action + self.rng.normal(0.0, self.noise, size=2), -1.0, 1.0)
-        return action.astype(np.float32)
+        self.last_expert_action = self.expert_action(obs, info)
+        return self.with_noise(self.last_expert_action)
 
     def expert_action(self, obs: dict, info: dict) -> np.ndarray:
         """The noise-free action in this state, float32 ``(2,)``: the label collect records."""
@@ -94,23 +92,14 @@ class AutopilotPolicy:
         base.enable_autopilot()
         self.env = base
 
+    @classmethod
+    def for_env(cls, env, noise: float = 0.0, seed: int = 0) -> "AutopilotPolicy":
+        if noise > 0:
+            raise PipelineError("--noise does not apply to the autopilot (CARLA chooses its controls)")
+        return cls(env)
+
     def reset(self, seed: int | None = None) -> None:
         pass  # the env seeds the TrafficManager at reset
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
         return self.env.autopilot_step()
-
-
-def make_scripted_policy(name: str, env, noise: float = 0.0, seed: int = 0):
-    """``"expert"``, ``"random"`` or ``"autopilot"`` (CARLA only) for ``env`` (reads the route's
-    cruise speed and vehicle limits)."""
-    if name == "autopilot":
-        if noise > 0:
-            raise PipelineError("--noise does not apply to the autopilot (CARLA chooses its controls)")
-        return AutopilotPolicy(env)
-    if name == "random":
-        return RandomPolicy(seed)
-    if name == "expert":
-        base = env.unwrapped
-        return ExpertPolicy(base.vehicle_params, target_speed=base.route.target_speed, noise=noise, seed=seed)
-    raise PipelineError(f"unknown policy {name!r}; choose from {', '.join(SCRIPTED_POLICIES)} or a checkpoint path")
