@@ -168,7 +168,8 @@ class TD3Agent:
         self.device = resolve_device(cfg.device)
         on_cuda = self.device.type == "cuda"
         self._amp = cfg.amp and on_cuda
-        self._channels_last = cfg.channels_last  # CPU too: 1.17x updates/s at batch 64 (benchmarks/results)
+        # CPU too: 1.11x updates/s at batch 64, 1.07x at 256 (benchmarks/results/learner_throughput_cpu.txt)
+        self._channels_last = cfg.channels_last
 
         # Same seed -> same initial weights, without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
