@@ -417,7 +417,7 @@ class TransitionStore:
 
         ``obs``/``next_obs`` are ``{'image': uint8 (K, H, W), 'vector': float32 (D,)}``; ``action``
         float32 ``(2,)``; ``reward`` a float32 scalar; the flags Python bools. One read per array:
-        meant for inspection and tests, not for sampling batches (see ``datasets/replay.py``).
+        meant for inspection and tests, not for sampling batches (see ``datasets/replay/``).
         """
         if not 0 <= i < self.num_transitions:
             raise IndexError(f"transition {i} out of range ({self.num_transitions} committed)")
