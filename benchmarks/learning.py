@@ -738,6 +738,15 @@ def parse_args(argv=None):
                         "learning-<preset>, or benchmarks/results/learning)")
     args = p.parse_args(argv)
     if args.preset:
+        # the options a preset sets are its own: one given beside it would be silently overridden
+        given = argparse.Namespace()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+        p.parse_args(argv, namespace=given)
+        clashes = sorted(set(vars(given)) - {"preset", "seeds", "jobs", "threads", "work_dir", "out", "note"})
+        if clashes:
+            p.error(f"--preset {args.preset} sets {', '.join('--' + c.replace('_', '-') for c in clashes)}; "
+                    f"leave them out, or drop --preset and give the whole grid")
         preset = PRESETS[args.preset]
         for key, value in preset["options"].items():
             if key in ("seeds", "jobs", "threads") and getattr(args, key) is not None:

@@ -148,6 +148,8 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
     assert (args.seeds, args.batch_size, args.jobs, args.threads) == ([0, 1, 2], 64, 2, 1)
     assert (args.dataset_episodes, args.online_mix, args.traffic) == (60, 0.5, 3)
     assert args.out.endswith("learning-cpu")
+    with pytest.raises(SystemExit):  # a preset's own option given beside it is refused, not ignored
+        learning.parse_args(["--preset", "cpu", "--budget", "100"])
     gpu = learning.parse_args(["--preset", "gpu", "--seeds", "0"])
     assert {p["budget"] for p in gpu.parts} == {100_000} and gpu.batch_size == 256 and gpu.seeds == [0]
 
