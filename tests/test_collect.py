@@ -1,6 +1,7 @@
 """`pipeline collect` and `pipeline datasets info` end to end on the embedded backend."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -88,11 +89,13 @@ def test_sigkill_leaves_whole_episodes_and_resume_completes(tmp_path):
     assert sorted(int(s) for s in resumed.episodes["seed"]) == list(range(300))
 
 
-def test_ctrl_c_keeps_every_finished_episode(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["collector", "process-group"])
+def test_ctrl_c_keeps_every_finished_episode(tmp_path, to_group):
+    # a terminal's Ctrl-C reaches the whole process group, the store's writer process included
     out = tmp_path / "interrupted.zarr"
     args = ("collect", "--episodes", 300, "--out", out, "--policy", "random", "--max-steps", 40, "--quiet")
     proc = subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=to_group)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -101,7 +104,10 @@ def test_ctrl_c_keeps_every_finished_episode(tmp_path):
         except Exception:
             pass
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr

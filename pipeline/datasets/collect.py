@@ -1,8 +1,8 @@
 """``pipeline collect``: drive a policy and record whole episodes into a dataset store.
 
-The env loop never waits for storage: finished episodes go to a single writer thread (one writer
-per store), which appends them in order of completion. With ``workers`` / ``scheduler`` the
-episodes run on a dask cluster and come back to the same single writer at the driver.
+The env loop never waits for storage: finished episodes go to the store's one writer, a process of
+its own (:mod:`pipeline.datasets.writer_process`), which appends them in order of completion. With
+``workers`` / ``scheduler`` the episodes run on a dask cluster and come back to the same writer.
 A store only ever shows whole, committed episodes, so Ctrl-C or a killed process loses at most the
 episodes in flight, and ``resume`` runs only the episode seeds that are not yet committed.
 """
@@ -13,18 +13,17 @@ import contextlib
 import getpass
 import itertools
 import platform
-import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import Callable
 
 import numpy as np
 
 from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder
+from pipeline.datasets.writer_process import StoreWriterProcess
 from pipeline.errors import PipelineError
 from pipeline.progress import ProgressBar
 
@@ -124,56 +123,6 @@ def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
         recorder.add(action, reward, obs, terminated, truncated, expert_action=expert_action)
         if terminated or truncated:
             return recorder.finish(info["termination"], route_completion=float(info["route_completion"]))
-
-
-class _WriterThread(threading.Thread):
-    """Appends episodes from a queue to the store, so the env loop never blocks on I/O."""
-
-    MAX_BATCH = 64
-    COMMIT_INTERVAL_S = 1.0  # the most a kill can lose beyond the episode being driven
-
-    def __init__(self, writer, on_commit: Callable[[Episode, int], None]):
-        super().__init__(name="episode-writer", daemon=True)
-        self.writer, self.on_commit = writer, on_commit
-        self.queue: queue.Queue[Episode | None] = queue.Queue(maxsize=64)
-        self.error: BaseException | None = None
-
-    def run(self):
-        finished = False
-        while not finished:
-            # Episodes finishing within COMMIT_INTERVAL_S share one commit. Each commit costs tens
-            # of milliseconds of Python in zarr, which competes with the env loop for the GIL; one
-            # commit per short episode halved the collection rate.
-            batch = [self.queue.get()]
-            deadline = time.monotonic() + self.COMMIT_INTERVAL_S
-            while batch[-1] is not None and len(batch) < self.MAX_BATCH:
-                try:
-                    batch.append(self.queue.get(timeout=max(deadline - time.monotonic(), 0.0)))
-                except queue.Empty:
-                    break
-            if batch[-1] is None:
-                finished = True
-                batch.pop()
-            if not batch:
-                continue
-            try:
-                committed = self.writer.append_many(batch)
-                for i, episode in enumerate(batch):
-                    self.on_commit(episode, committed - len(batch) + i + 1)
-            except BaseException as exc:  # surfaced to the driver, which stops collecting
-                self.error = exc
-                return
-
-    def put(self, episode: Episode) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(episode)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _store_meta(config: CollectConfig, backend: str) -> dict:
@@ -322,22 +271,24 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         probe_server(**config.simulator)
     else:
         env_and_policy(config)
-    workers = local_workers_for(servers, config.workers, config.scheduler)
-    if workers or config.scheduler:  # the cluster too: an unreachable scheduler fails first
-        with dask_client(workers, config.scheduler) as client:
-            source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
-            return _record(config, route, spec, source, progress)
-    return _record(config, route, spec, _episodes_local, progress)
+    # The writer process starts (forks) before any cluster thread exists, and opens the store only
+    # in _record: an unreachable scheduler still fails before a store exists.
+    with StoreWriterProcess() as writer:
+        workers = local_workers_for(servers, config.workers, config.scheduler)
+        if workers or config.scheduler:
+            with dask_client(workers, config.scheduler) as client:
+                source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
+                return _record(config, route, spec, source, progress, writer)
+        return _record(config, route, spec, _episodes_local, progress, writer)
 
 
-def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
-    """Drive ``source``'s episodes into the store through the writer thread; the summary dict."""
-    from pipeline.datasets.store import EpisodeWriter
+def _record(config: CollectConfig, route, spec, source, progress: bool, writer: StoreWriterProcess) -> dict:
+    """Drive ``source``'s episodes into the store through ``writer``; the summary dict."""
     from pipeline.envs.driving import RewardConfig
     from pipeline.envs.spec import ActionSpec
 
-    writer = EpisodeWriter(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend),
-                           mode=config.mode, reward=RewardConfig().to_dict())
+    writer.open(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend), mode=config.mode,
+                reward=RewardConfig().to_dict())
     seeds = _pending_seeds(config, writer)
     stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
     started = time.perf_counter()
@@ -353,20 +304,18 @@ def _record(config: CollectConfig, route, spec, source, progress: bool) -> dict:
             bar.update(completed=config.episodes - len(seeds) + len(stats["returns"]),
                        sps=stats["steps"] / elapsed, ret=float(np.mean(stats["returns"])))
 
-        writer_thread = _WriterThread(writer, on_commit)
-        writer_thread.start()
+        writer.on_commit = on_commit
         stop = threading.Event()
         interrupted = False
         try:
             for episode in source(config, seeds, stop):
-                writer_thread.put(episode)
+                writer.put(episode)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
         finally:
             # whole episodes already finished are still written: nothing recorded is dropped
-            writer_thread.finish()
-            writer.close()
+            writer.finish()
 
     elapsed = time.perf_counter() - started
     return {

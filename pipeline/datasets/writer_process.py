@@ -1,0 +1,314 @@
+"""The store's one writer in a process of its own, fed whole episodes over a pipe.
+
+Why a process: every commit runs tens of milliseconds of zarr's Python, and a writer *thread* holds
+the GIL the env loop needs for all of it (collect ran at 0.84-0.93 of the raw env rate with one).
+In its own process the store work runs on another core and the env loop only hands bytes over.
+
+    >>> with StoreWriterProcess() as writer:              # the process starts; no store is touched
+    ...     writer.open("runs/a.zarr", obs_spec, meta={"policy": "expert"})  # ready, or one-line error
+    ...     writer.put(episode)                           # returns at once; committed in order
+    ...     writer.finish()                               # everything handed over is committed
+
+Wire format, no pickle: each message is one JSON document (``Connection.send_bytes``). An
+``episode`` message names its arrays (name, dtype, shape) and is followed by one raw buffer per
+array. The writer answers ``ready`` (with the committed count), ``committed`` (after each commit),
+``closed`` or ``error``.
+
+Crash guarantees are the store's: only whole episodes are ever committed. If the collecting process
+dies (kill -9), the writer dies with it (Linux: ``PR_SET_PDEATHSIG``; elsewhere it stops at the
+pipe's end) and writes nothing more, so a kill loses at most the episodes in flight and a following
+``--resume`` is the store's only writer. Ctrl-C reaches the collector alone: the writer ignores
+SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over before it returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from pipeline import errors
+from pipeline.datasets.episode import Episode
+from pipeline.envs.spec import ActionSpec, ObsSpec
+from pipeline.errors import PipelineError, StoreError
+
+EPISODE_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
+MAX_BATCH = 64  # episodes in one commit
+COMMIT_INTERVAL_S = 1.0  # episodes finishing this close together share a commit
+IN_FLIGHT = 64  # episodes queued on each side of the pipe; put() waits beyond that (back-pressure)
+
+
+def _plain(value):
+    """numpy scalars (an env's info values) as the Python numbers JSON knows."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _send_json(conn, message: dict) -> None:
+    conn.send_bytes(json.dumps(message, default=_plain).encode())
+
+
+def _recv_json(conn) -> dict:
+    return json.loads(conn.recv_bytes())
+
+
+def send_episode(conn, episode: Episode) -> None:
+    """One episode down ``conn``: a JSON header, then each array's bytes (no copy of the arrays)."""
+    arrays = {name: np.ascontiguousarray(getattr(episode, name)) for name in EPISODE_ARRAYS
+              if getattr(episode, name) is not None}
+    _send_json(conn, {"op": "episode", "route": episode.route, "seed": int(episode.seed),
+                      "termination": episode.termination, "info": episode.info,
+                      "arrays": [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]})
+    for array in arrays.values():
+        conn.send_bytes(array.reshape(-1).view(np.uint8))
+
+
+def receive_episode(conn, header: dict) -> Episode:
+    """The episode whose ``header`` was just read from ``conn`` (its array buffers follow)."""
+    arrays = {name: np.frombuffer(conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape)
+              for name, dtype, shape in header["arrays"]}
+    return Episode(**arrays, route=header["route"], seed=header["seed"], termination=header["termination"],
+                   info=header["info"])
+
+
+def _error_message(exc: BaseException) -> dict:
+    if isinstance(exc, PipelineError):
+        return {"op": "error", "kind": type(exc).__name__, "message": str(exc)}
+    return {"op": "error", "kind": "bug", "message": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()}
+
+
+def _raise_from(reply: dict) -> None:
+    """Raise the writer's ``error`` reply in this process: a PipelineError stays one line of its type."""
+    kind = getattr(errors, reply["kind"], None)
+    if isinstance(kind, type) and issubclass(kind, PipelineError):
+        raise kind(reply["message"])
+    raise RuntimeError(f"the store writer process failed: {reply['message']}\n{reply.get('traceback', '')}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when the collector dies, even by kill -9."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the collector died before prctl: nobody is left to write for
+        os._exit(1)
+
+
+_END, _LOST = "end", "lost"
+
+
+def _read_episodes(conn, inbox: queue.Queue) -> None:
+    """Writer side: episodes from the pipe into ``inbox``, then ``_END`` (said) or ``_LOST`` (EOF)."""
+    try:
+        while True:
+            header = _recv_json(conn)
+            if header["op"] == "end":
+                inbox.put(_END)
+                return
+            inbox.put(receive_episode(conn, header))
+    except (EOFError, OSError):
+        inbox.put(_LOST)
+
+
+def _serve(episodes_conn, replies_conn, parent_ends) -> None:
+    """The writer process: open the store when told, then commit episodes in order until the end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's to handle
+    for conn in parent_ends:  # a forked child holds the collector's ends too: EOF needs them closed
+        conn.close()
+    _die_with_parent()
+    from pipeline.datasets.store import EpisodeWriter
+
+    try:
+        order = _recv_json(episodes_conn)
+    except (EOFError, OSError):
+        return  # the collector changed its mind (a bad option, an unreachable cluster)
+    if order["op"] != "open":
+        return
+    try:
+        writer = EpisodeWriter(order["url"], ObsSpec.from_dict(order["obs_spec"]),
+                               ActionSpec.from_dict(order["action_spec"]), meta=order["meta"],
+                               mode=order["mode"], reward=order["reward"])
+    except BaseException as exc:
+        _send_json(replies_conn, _error_message(exc))
+        return
+    _send_json(replies_conn, {"op": "ready", "committed": writer.committed_episodes})
+    inbox: queue.Queue = queue.Queue(maxsize=IN_FLIGHT)  # full: the pipe fills, the collector waits
+    threading.Thread(target=_read_episodes, args=(episodes_conn, inbox), daemon=True).start()
+    try:
+        while True:
+            # Episodes finishing within COMMIT_INTERVAL_S share one commit: one commit per short
+            # episode costs more store work than the episodes' own bytes.
+            batch = [inbox.get()]
+            deadline = time.monotonic() + COMMIT_INTERVAL_S
+            while isinstance(batch[-1], Episode) and len(batch) < MAX_BATCH:
+                try:
+                    batch.append(inbox.get(timeout=max(deadline - time.monotonic(), 0.0)))
+                except queue.Empty:
+                    break
+            if batch[-1] is _LOST:
+                os._exit(1)  # the collector is gone without saying the end: write nothing more
+            last = batch.pop() if batch[-1] is _END else None
+            if batch:
+                committed = writer.append_many(batch)
+                _send_json(replies_conn, {"op": "committed", "episodes": len(batch), "committed": committed})
+            if last is _END:
+                writer.close()
+                _send_json(replies_conn, {"op": "closed", "committed": writer.committed_episodes})
+                return
+    except BaseException as exc:
+        _send_json(replies_conn, _error_message(exc))
+
+
+def _context():
+    # fork starts the writer at once with the collector's modules loaded (spawn pays ~1 s of
+    # imports); the child only ever runs store code, and zarr and fsspec reset their I/O threads
+    # after a fork. Elsewhere (macOS, Windows) fork is unsafe or missing.
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+class StoreWriterProcess:
+    """The one :class:`~pipeline.datasets.store.EpisodeWriter` of a store, in a child process.
+
+    ``on_commit(episode, committed)`` is called (on a thread of this process) for each episode once
+    it is committed, in order, with the store's committed count after it. ``committed_episodes``
+    is the store's count as the writer last reported it.
+    """
+
+    def __init__(self, on_commit: Callable[[Episode, int], None] | None = None):
+        self.on_commit = on_commit
+        self.committed_episodes = 0
+        self.error: BaseException | None = None
+        import pipeline.datasets.store  # noqa: F401  loaded before a fork, so the writer starts warm
+
+        context = _context()
+        child_episodes, self._episodes = context.Pipe(duplex=False)
+        self._replies, child_replies = context.Pipe(duplex=False)
+        self._process = context.Process(target=_serve, name="episode-writer", daemon=True,
+                                        args=(child_episodes, child_replies, (self._episodes, self._replies)))
+        self._process.start()
+        child_episodes.close()
+        child_replies.close()
+        self._outbox: queue.Queue = queue.Queue(maxsize=IN_FLIGHT)
+        self._uncommitted: collections.deque[Episode] = collections.deque()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def open(self, url: str, obs_spec: ObsSpec, action_spec: ActionSpec = ActionSpec(), meta: dict | None = None,
+             mode: str = "create", reward: dict | None = None) -> None:
+        """Open (or create) the store in the writer; its errors are raised here, as they would be by
+        :class:`~pipeline.datasets.store.EpisodeWriter` (one line, same type)."""
+        _send_json(self._episodes, {"op": "open", "url": str(url), "obs_spec": obs_spec.to_dict(),
+                                    "action_spec": action_spec.to_dict(), "meta": meta, "mode": mode,
+                                    "reward": reward})
+        try:
+            reply = _recv_json(self._replies)
+        except EOFError:
+            raise StoreError(f"the store writer process for {url} ended before opening it "
+                             f"(exit code {self._process.exitcode})") from None
+        if reply["op"] == "error":
+            _raise_from(reply)
+        self.committed_episodes = reply["committed"]
+        self._url = url
+        self._threads = [threading.Thread(target=self._send, name="episode-sender", daemon=True),
+                         threading.Thread(target=self._receive, name="episode-commits", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, episode: Episode) -> None:
+        """Hand one whole episode over; returns once it is queued (waits only when IN_FLIGHT are)."""
+        if self.error is not None:
+            raise self.error
+        self._uncommitted.append(episode)
+        self._outbox.put(episode)
+
+    def finish(self) -> None:
+        """Commit everything handed over, close the store and end the writer; raises its error."""
+        if self._threads and not self._closed.is_set():
+            while self.error is None:
+                try:
+                    self._outbox.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            while not self._closed.wait(0.1) and self._threads[1].is_alive():
+                pass
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """End the writer process without waiting for what it holds (after :meth:`finish`, or to
+        give up before :meth:`open`)."""
+        self._episodes.close()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def __enter__(self) -> "StoreWriterProcess":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    # -- this process's two helper threads: bytes out, commit notices in
+
+    def _send(self) -> None:
+        try:
+            while (episode := self._outbox.get()) is not None:
+                send_episode(self._episodes, episode)
+            _send_json(self._episodes, {"op": "end"})
+        except (OSError, ValueError):  # the writer is gone; _receive says why
+            pass
+        except BaseException as exc:  # an episode that cannot be sent: the writer stops, nothing half-sent is kept
+            self.error = exc
+            self._episodes.close()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                reply = _recv_json(self._replies)
+                if reply["op"] == "error":
+                    _raise_from(reply)
+                if reply["op"] == "committed":
+                    for i in range(reply["episodes"]):
+                        episode = self._uncommitted.popleft()
+                        if self.on_commit is not None:
+                            self.on_commit(episode, reply["committed"] - reply["episodes"] + i + 1)
+                self.committed_episodes = reply["committed"]
+                if reply["op"] == "closed":
+                    self._closed.set()
+                    return
+        except EOFError:
+            self._process.join(timeout=5)
+            self.error = self.error or StoreError(f"the store writer process for {self._url} died (exit code "
+                                    f"{self._process.exitcode}); the {self.committed_episodes} committed "
+                                    f"episodes are intact: continue with --resume")
+        except BaseException as exc:
+            self.error = self.error or exc
+        finally:
+            self._drain_outbox()
+
+    def _drain_outbox(self) -> None:
+        # a put() waiting on a full outbox must not wait forever for a writer that is gone
+        while self.error is not None:
+            try:
+                self._outbox.get_nowait()
+            except queue.Empty:
+                return
