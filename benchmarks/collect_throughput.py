@@ -12,7 +12,7 @@ world-aligned top-down camera it replaced (``WorldAlignedCamera`` below, kept he
 baseline: the track drawn once by highway-env, a window blitted per frame).
 
 Last line: collect_vs_raw=<ratio> bytes_per_transition=<n> sb3_layout_ratio=<ratio>
-raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.95; uint8 bytes per transition <= 1/8 of
+raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.97; uint8 bytes per transition <= 1/8 of
 SB3's before compression; raw_vs_old_camera >= 0.8).
 """
 
