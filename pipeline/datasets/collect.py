@@ -91,6 +91,12 @@ def env_and_policy(config: CollectConfig, route: str | None = None):
     return slot["env"], slot["policy"]
 
 
+def build_env_and_policy(config: CollectConfig) -> None:
+    """:func:`env_and_policy`, built and kept in this process (a dask worker's warm-up); returns
+    nothing, so nothing travels back."""
+    env_and_policy(config)
+
+
 def close_process_envs() -> None:
     """Close this process's envs: on CARLA that restores each server's settings for the next user."""
     while _process_envs:
@@ -277,6 +283,10 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         workers = local_workers_for(servers, config.workers, config.scheduler)
         if workers or config.scheduler:
             with dask_client(workers, config.scheduler) as client:
+                if not servers:
+                    # Every worker builds its env and policy now, all at once, as this process built
+                    # its own above: the recording's steps/s then count driving, not start-up.
+                    client.run(build_env_and_policy, config)
                 source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
                 return _record(config, route, spec, source, progress, writer)
         return _record(config, route, spec, _episodes_local, progress, writer)

@@ -24,6 +24,7 @@ SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over bef
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import multiprocessing
@@ -255,11 +256,16 @@ class StoreWriterProcess:
     def close(self) -> None:
         """End the writer process without waiting for what it holds (after :meth:`finish`, or to
         give up before :meth:`open`)."""
+        with contextlib.suppress(queue.Full):  # a sender waiting for episodes stops
+            self._outbox.put_nowait(None)
         self._episodes.close()
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        for thread in self._threads:  # both end with the process: its pipe ends are closed now
+            thread.join(timeout=5)
+        self._replies.close()
 
     def __enter__(self) -> "StoreWriterProcess":
         return self
