@@ -11,9 +11,15 @@ Also, in the same process, the raw env's steps/s with today's car-mounted camera
 world-aligned top-down camera it replaced (``WorldAlignedCamera`` below, kept here only as that
 baseline: the track drawn once by highway-env, a window blitted per frame).
 
-Last line: collect_vs_raw=<ratio> bytes_per_transition=<n> sb3_layout_ratio=<ratio>
-raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.97; uint8 bytes per transition <= 1/8 of
-SB3's before compression; raw_vs_old_camera >= 0.8).
+Each repeat runs raw and collect back to back (their order alternating, so drift in the machine's
+load hits both alike); ``collect_vs_raw`` is the median of the repeats' ratios (the best-of
+figures are printed beside it). ``collect_cpu_vs_raw`` compares the CPU time this process (the env
+loop's) spends per step: raw's over collect's, with the writer process's own CPU left out. It says
+how much store work is left on the env loop, and the machine's noise barely moves it.
+
+Last line: collect_vs_raw=<ratio> collect_cpu_vs_raw=<ratio> bytes_per_transition=<n>
+sb3_layout_ratio=<ratio> raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.97; uint8 bytes
+per transition <= 1/8 of SB3's before compression; raw_vs_old_camera >= 0.8).
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ class WorldAlignedCamera:
 
 
 def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int,
-                    old_camera: bool = False) -> tuple[float, int]:
+                    old_camera: bool = False) -> tuple[float, int, float]:
+    """(steps/s, steps, this process's CPU seconds) of the env loop alone."""
     from pipeline.envs import make_env
     from pipeline.policies import make_policy
 
@@ -73,7 +80,7 @@ def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int,
         env.reset(seed=0)
         env.unwrapped._camera = WorldAlignedCamera(env.unwrapped._sim.road)
     policy = make_policy(policy_name, env)
-    steps, started = 0, time.perf_counter()
+    steps, started, cpu = 0, time.perf_counter(), time.process_time()
     for seed in range(episodes):
         policy.reset(seed)
         obs, info = env.reset(seed=seed)
@@ -82,7 +89,7 @@ def raw_steps_per_s(route: str, policy_name: str, episodes: int, max_steps: int,
             steps += 1
             if terminated or truncated:
                 break
-    return steps / (time.perf_counter() - started), steps
+    return steps / (time.perf_counter() - started), steps, time.process_time() - cpu
 
 
 def main() -> None:
@@ -91,37 +98,52 @@ def main() -> None:
     parser.add_argument("--route", default="racetrack")
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--policy", default="random", help="random (the issue's figure) or expert (long episodes)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate raw/collect runs, keep the best of each")
+    parser.add_argument("--repeats", type=int, default=5, help="raw/collect pairs (median of their ratios)")
     args = parser.parse_args()
+
+    import statistics
 
     from pipeline.datasets.collect import CollectConfig, collect
     from pipeline.datasets.store import TransitionStore
 
-    raw_best, collect_best, old_camera_best = 0.0, 0.0, 0.0
+    ratios, camera_ratios, best = [], [], {"raw": 0.0, "collect": 0.0, "old": 0.0}
+    cpu = {"raw": 0.0, "collect": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            old, _ = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps, old_camera=True)
-            raw, steps = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps)
-            out = str(Path(tmp) / f"bench{repeat}.zarr")
-            config = CollectConfig(out=out, episodes=args.episodes, route=args.route, policy=args.policy,
-                                   max_steps=args.max_steps)
-            started = time.perf_counter()
-            summary = collect(config, progress=False)
-            recorded = summary["steps"] / (time.perf_counter() - started)
+            old, _, _ = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps, old_camera=True)
+            config = CollectConfig(out=str(Path(tmp) / f"bench{repeat}.zarr"), episodes=args.episodes,
+                                   route=args.route, policy=args.policy, max_steps=args.max_steps)
+            for which in (("raw", "collect") if repeat % 2 == 0 else ("collect", "raw")):
+                if which == "raw":
+                    raw, steps, raw_cpu = raw_steps_per_s(args.route, args.policy, args.episodes, args.max_steps)
+                    continue
+                started, cpu_started = time.perf_counter(), time.process_time()
+                summary = collect(config, progress=False)
+                recorded = summary["steps"] / (time.perf_counter() - started)
+                collect_cpu = time.process_time() - cpu_started
             assert summary["steps"] == steps, "collect and the raw loop must drive the same episodes"
-            print(f"repeat {repeat}: raw {raw:8.1f} steps/s   collect {recorded:8.1f} steps/s   "
-                  f"raw with the old camera {old:8.1f} steps/s   ({steps} steps)")
-            raw_best, collect_best, old_camera_best = max(raw_best, raw), max(collect_best, recorded), max(old_camera_best, old)
-        store = TransitionStore(out)
+            ratios.append(recorded / raw)
+            camera_ratios.append(raw / old)
+            cpu["raw"] += raw_cpu
+            cpu["collect"] += collect_cpu
+            best = {"raw": max(best["raw"], raw), "collect": max(best["collect"], recorded),
+                    "old": max(best["old"], old)}
+            print(f"repeat {repeat}: raw {raw:8.1f} steps/s   collect {recorded:8.1f} steps/s (x{recorded / raw:.3f})   "
+                  f"raw with the old camera {old:8.1f} steps/s   ({steps} steps; env process CPU: raw "
+                  f"{1000 * raw_cpu / steps:.2f} ms/step, collect {1000 * collect_cpu / steps:.2f} ms/step)")
+        store = TransitionStore(config.out)
         n = store.num_transitions
         uint8_per_transition = store.num_frames * 84 * 84 / n
         stored_per_transition = store.nbytes_stored() / n
     print(f"uint8 frame bytes per transition before compression: {uint8_per_transition:.0f} "
           f"({uint8_per_transition / SB3_UINT8_BYTES_PER_TRANSITION:.3f} of SB3's {SB3_UINT8_BYTES_PER_TRANSITION})")
     print(f"stored bytes per transition after compression (all arrays): {stored_per_transition:.0f}")
-    print(f"collect_vs_raw={collect_best / raw_best:.3f} bytes_per_transition={stored_per_transition:.0f} "
+    print(f"best of {args.repeats}: collect {best['collect']:.1f} / raw {best['raw']:.1f} steps/s = "
+          f"{best['collect'] / best['raw']:.3f}")
+    print(f"collect_vs_raw={statistics.median(ratios):.3f} collect_cpu_vs_raw={cpu['raw'] / cpu['collect']:.3f} "
+          f"bytes_per_transition={stored_per_transition:.0f} "
           f"sb3_layout_ratio={uint8_per_transition / SB3_UINT8_BYTES_PER_TRANSITION:.4f} "
-          f"raw_vs_old_camera={raw_best / old_camera_best:.3f}")
+          f"raw_vs_old_camera={statistics.median(camera_ratios):.3f}")
 
 
 if __name__ == "__main__":
