@@ -126,3 +126,19 @@ def test_a_killed_collector_takes_its_writer_along(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"the writer process {child} outlived its killed collector")
+
+
+def test_the_spawn_start_used_off_linux_writes_the_same(tmp_path, monkeypatch):
+    # macOS and Windows start the writer with spawn: everything it needs must reach it by the pipe
+    monkeypatch.setattr(writer_process, "_context", lambda: multiprocessing.get_context("spawn"))
+    url = str(tmp_path / "spawned.zarr")
+    episodes = [make_episode(seed, 6) for seed in range(3)]
+    with StoreWriterProcess() as writer:
+        writer.open(url, SPEC, meta={"policy": "random"})
+        for episode in episodes:
+            writer.put(episode)
+        writer.finish()
+    store = TransitionStore(url)
+    assert store.num_episodes == 3 and store.meta["policy"] == "random"
+    for i, want in enumerate(episodes):
+        assert_episode_equal(store.episode(i), want)
