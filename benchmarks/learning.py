@@ -102,6 +102,7 @@ class Job:
     final_episodes: int
     online_mix: float
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
+    encoder_lr: float  # ours: the CNN's Adam learning rate
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -164,7 +165,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_steps=sched.chunk_steps, exploration_noise=EXPLORATION_NOISE, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
-        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha,
+        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -719,6 +720,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient-steps", type=int, default=1, help="updates per learning phase")
     p.add_argument("--online-mix", type=float, default=0.5, help="offline start: share of fresh rollouts per batch")
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
+    p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps (default: a 20th of the budget after warm-up, a multiple of --train-freq)")
     p.add_argument("--eval-episodes", type=int, default=5)
@@ -757,6 +759,8 @@ def parse_args(argv=None):
     args.jobs = args.jobs or 1
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"learning-{args.preset}" if args.preset
                                else REPO / "benchmarks" / "results" / "learning")
+    if not args.encoder_lr > 0:
+        p.error("--encoder-lr must be above 0")
     if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
            args.final_episodes, args.dataset_episodes, args.jobs, args.eval_every or 1) <= 0:
         p.error("budgets, sizes, frequencies, episode counts and --jobs must be positive")
@@ -798,6 +802,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
+                    encoder_lr=args.encoder_lr,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

@@ -46,13 +46,16 @@ def test_offline_plus_online_run_writes_checkpoints_csv_and_tensorboard(tmp_path
     assert online.obs_spec == TransitionStore(str(expert_store)).obs_spec
 
 
-def test_pure_offline_does_no_rollouts(tmp_path, expert_store):
+def test_pure_offline_does_no_rollouts_and_encoder_lr_reaches_the_cnn_only(tmp_path, expert_store):
     run = tmp_path / "offline"
     result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--bc-alpha", 2.5, "--steps", 4,
-                     "--out", run, *TINY)
+                     "--encoder-lr", 1e-5, "--out", run, *TINY)
     assert result.returncode == 0, result.stderr
     assert not (run / "online.zarr").exists()
     assert "rollout/env_steps" not in _rows(run)[-1]
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    lrs = {name: [g["lr"] for g in state[name]["param_groups"]] for name in ("encoder_opt", "actor_opt", "critic_opt")}
+    assert lrs == {"encoder_opt": [1e-5], "actor_opt": [3e-4], "critic_opt": [3e-4]}
 
 
 def test_resume_continues_the_same_run(tmp_path, expert_store):
@@ -163,8 +166,9 @@ def test_a_folder_without_checkpoint_is_reused_and_changed_learner_options_are_r
 
     before = (run / "last.pt").read_bytes()
     line = assert_one_line_error(run_cli("train", "--steps", 4, "--resume", "--bc-alpha", 2.5, "--gamma", 0.9,
-                                         "--encoder-update", "frozen", *common), "--bc-alpha 2.5", "--gamma 0.9")
-    assert "--encoder-update frozen (the run has critic)" in line
+                                         "--encoder-update", "frozen", "--encoder-lr", 1e-4, *common),
+                                 "--bc-alpha 2.5", "--gamma 0.9")
+    assert "--encoder-update frozen (the run has critic)" in line and "--encoder-lr 0.0001 (the run has 0.0003)" in line
     assert (run / "last.pt").read_bytes() == before
     # options not given take the run's: its --data and --online-mix 0 (the default 0.5 would roll out)
     result = run_cli("train", "--steps", 4, "--resume", "--out", run, "--quiet")

@@ -68,6 +68,7 @@ class TrainConfig:
     n_step: int = 3
     gamma: float = 0.99
     encoder_update: str = "critic"
+    encoder_lr: float = 3e-4  # Adam learning rate of the CNN (actor and critic keep TD3Config's)
     bc_alpha: float = 0.0
     augment: bool = True
     device: str = "auto"
@@ -116,6 +117,8 @@ def validate_train_config(config: TrainConfig) -> None:
         raise PipelineError(f"--online-mix must be within [0, 1], got {config.online_mix}")
     if not 0.0 < config.gamma <= 1.0:
         raise PipelineError(f"--gamma must be in (0, 1], got {config.gamma}")
+    if not config.encoder_lr > 0.0:
+        raise PipelineError(f"--encoder-lr must be above 0, got {config.encoder_lr}")
     try:
         parse_bytes(config.replay_memory)
     except PipelineError:
@@ -165,7 +168,8 @@ LEARNER_OPTIONS = {
     "data": "--data", "route": "--route", "batch_size": "--batch-size", "online_mix": "--online-mix",
     "online_every": "--online-every", "online_steps": "--online-steps", "exploration_noise": "--exploration-noise",
     "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
-    "gamma": "--gamma", "encoder_update": "--encoder-update", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
+    "gamma": "--gamma", "encoder_update": "--encoder-update",
+    "encoder_lr": "--encoder-lr", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
 }
 
@@ -610,8 +614,8 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
 
         worker.run(max(config.warmup_steps, config.batch_size), random_action)
     mean, std = _vector_stats(store, env, warmup_vectors)
-    td3 = TD3Config(encoder_update=config.encoder_update, bc_alpha=config.bc_alpha, augment=config.augment,
-                    device=config.device, compile=config.compile, seed=config.seed)
+    td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr, bc_alpha=config.bc_alpha,
+                    augment=config.augment, device=config.device, compile=config.compile, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 
 
