@@ -103,6 +103,7 @@ class Job:
     online_mix: float
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
+    encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -166,6 +167,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
         eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
+        encoder_head=job.encoder_head,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -721,6 +723,7 @@ def parse_args(argv=None):
     p.add_argument("--online-mix", type=float, default=0.5, help="offline start: share of fresh rollouts per batch")
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
+    p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps (default: a 20th of the budget after warm-up, a multiple of --train-freq)")
     p.add_argument("--eval-episodes", type=int, default=5)
@@ -802,7 +805,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
-                    encoder_lr=args.encoder_lr,
+                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

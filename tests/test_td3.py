@@ -93,8 +93,9 @@ def test_the_cpu_and_cuda_shifts_are_the_same_shift():
 # ---------------------------------------------------------------- the seed's validation tests
 
 
-def test_one_update_gives_every_encoder_parameter_a_nonzero_gradient():
-    agent = make_agent()
+@pytest.mark.parametrize("head", ["relu", "layernorm"])
+def test_one_update_gives_every_encoder_parameter_a_nonzero_gradient(head):
+    agent = make_agent(encoder_head=head)
     assert all(p.grad is None for p in agent.encoder.parameters())
     metrics = agent.update(make_batch())
     for name, p in agent.encoder.named_parameters():
@@ -117,6 +118,19 @@ def test_encoder_weights_and_features_change_over_100_updates():
     assert changed(agent.encoder_target, target_before) == set(target_before)
     features_after = agent.extract_features(probe, enable_grad=False)
     assert not torch.allclose(features_before, features_after), "CNN features should adapt"
+
+
+def test_layernorm_head_keeps_the_pixel_features_in_tanh_range_and_the_vector_as_it_was():
+    relu, layernorm = make_agent(), make_agent(encoder_head="layernorm")
+    obs = make_obs(np.random.default_rng(7), 6)
+    obs["image"] = obs["image"] // 2 + 128  # bright frames: large pre-activations
+    pixels = layernorm.extract_features(obs, enable_grad=False)[:, :512]
+    assert pixels.abs().max() < 1 and (pixels < 0).any()  # tanh range, both signs
+    assert (relu.extract_features(obs, enable_grad=False)[:, :512] >= 0).all()
+    torch.testing.assert_close(layernorm.extract_features(obs, enable_grad=False)[:, 512:],
+                               relu.extract_features(obs, enable_grad=False)[:, 512:])
+    with pytest.raises(PipelineError, match="encoder head 'batchnorm'"):
+        TD3Config(encoder_head="batchnorm")
 
 
 def test_frozen_encoder_gets_no_gradient_and_never_changes():
@@ -344,10 +358,11 @@ def test_td3_bc_pulls_actions_toward_dataset_actions_on_offline_rows_only():
 # ---------------------------------------------------------------- checkpoints
 
 
-def test_save_load_round_trip_with_weights_only(tmp_path):
+@pytest.mark.parametrize("head", ["relu", "layernorm"])
+def test_save_load_round_trip_with_weights_only(tmp_path, head):
     rng = np.random.default_rng(5)
-    agent = TD3Agent(SPEC, config=TD3Config(device="cpu", seed=3), vector_mean=rng.standard_normal(23),
-                     vector_std=rng.uniform(0.5, 2, 23))
+    agent = TD3Agent(SPEC, config=TD3Config(device="cpu", seed=3, encoder_head=head),
+                     vector_mean=rng.standard_normal(23), vector_std=rng.uniform(0.5, 2, 23))
     for s in range(3):
         agent.update(make_batch(seed=s, b=4))
     path = agent.save(tmp_path / "ckpt" / "last.pt")
@@ -356,6 +371,7 @@ def test_save_load_round_trip_with_weights_only(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw["num_updates"] == 3 and raw["obs_spec"] == SPEC.to_dict()
     loaded = TD3Agent.load(path, map_location="cpu", expected_obs_spec=SPEC)
+    assert loaded.config.encoder_head == head
     torch.testing.assert_close(loaded.encoder.vector_std, agent.encoder.vector_std)
     obs = {k: v.numpy() for k, v in make_obs(rng, 4).items()}
     np.testing.assert_array_equal(loaded.select_action(obs), agent.select_action(obs))

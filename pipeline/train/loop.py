@@ -69,6 +69,7 @@ class TrainConfig:
     gamma: float = 0.99
     encoder_update: str = "critic"
     encoder_lr: float = 3e-4  # Adam learning rate of the CNN (actor and critic keep TD3Config's)
+    encoder_head: str = "relu"  # the CNN's last layer: relu, or layernorm (LayerNorm + tanh)
     bc_alpha: float = 0.0
     augment: bool = True
     device: str = "auto"
@@ -169,7 +170,7 @@ LEARNER_OPTIONS = {
     "online_every": "--online-every", "online_steps": "--online-steps", "exploration_noise": "--exploration-noise",
     "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
     "gamma": "--gamma", "encoder_update": "--encoder-update",
-    "encoder_lr": "--encoder-lr", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
+    "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
 }
 
@@ -614,8 +615,9 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
 
         worker.run(max(config.warmup_steps, config.batch_size), random_action)
     mean, std = _vector_stats(store, env, warmup_vectors)
-    td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr, bc_alpha=config.bc_alpha,
-                    augment=config.augment, device=config.device, compile=config.compile, seed=config.seed)
+    td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr,
+                    encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
+                    device=config.device, compile=config.compile, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 
 

@@ -44,21 +44,31 @@ def _vector_stat(value, default: float, dim: int, name: str) -> torch.Tensor:
     return t.clone()
 
 
+# The encoder's last layer, after the Nature CNN's convolutions and Linear(3136, features_dim):
+# "relu" (Nature DQN, SB3) or "layernorm" (LayerNorm then tanh: SAC-AE and DrQ, whose features stay
+# in [-1, 1] however the critic's gradients pull the weights).
+ENCODER_HEADS = ("relu", "layernorm")
+
+
 class Encoder(nn.Module):
     """Nature-CNN trunk on the image plus the normalised driving-state vector.
 
     ``forward(obs)`` takes ``{"image": uint8 or float (B, C, H, W) in [0, 255],
     "vector": float32 (B, D)}`` and returns float ``(B, out_dim)`` with
-    ``out_dim = features_dim + D``: ReLU CNN features, then ``(vector - mean) / std``. The output
-    is float32 even under autocast (the CNN may run in bf16; the heads read fp32).
+    ``out_dim = features_dim + D``: CNN features (ReLU, or LayerNorm + tanh with
+    ``head="layernorm"``), then ``(vector - mean) / std``. The output is float32 even under
+    autocast (the CNN may run in bf16; the heads read fp32).
 
     ``vector_mean`` / ``vector_std`` (array-like ``(D,)``, e.g. dataset statistics) are buffers, so
     they travel with ``state_dict``; a std below :data:`MIN_VECTOR_STD` becomes 1, so a field that
     looked constant in the statistics is centred but never amplified.
     """
 
-    def __init__(self, obs_spec: ObsSpec, features_dim: int = 512, vector_mean=None, vector_std=None):
+    def __init__(self, obs_spec: ObsSpec, features_dim: int = 512, vector_mean=None, vector_std=None,
+                 head: str = "relu"):
         super().__init__()
+        if head not in ENCODER_HEADS:
+            raise ValueError(f"unknown encoder head {head!r}; choose one of {', '.join(ENCODER_HEADS)}")
         channels, size, _ = obs_spec.image_shape
         self.cnn = nn.Sequential(
             nn.Conv2d(channels, 32, kernel_size=8, stride=4), nn.ReLU(),
@@ -68,7 +78,8 @@ class Encoder(nn.Module):
         )
         with torch.no_grad():
             n_flat = self.cnn(torch.zeros(1, channels, size, size)).shape[1]  # 3136 at 84x84
-        self.head = nn.Sequential(nn.Linear(n_flat, features_dim), nn.ReLU())
+        last = [nn.ReLU()] if head == "relu" else [nn.LayerNorm(features_dim), nn.Tanh()]
+        self.head = nn.Sequential(nn.Linear(n_flat, features_dim), *last)
         self.apply(_orthogonal_init)
 
         dim = obs_spec.vector_dim

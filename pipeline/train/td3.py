@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
-from pipeline.train.networks import Actor, Critic, Encoder, random_shift
+from pipeline.train.networks import ENCODER_HEADS, Actor, Critic, Encoder, random_shift
 
 ENCODER_UPDATES = ("critic", "actor+critic", "frozen")
 CHECKPOINT_FORMAT = "pipeline.td3"
@@ -81,6 +81,7 @@ class TD3Config:
     augment_pad: int = 4
     bc_alpha: float = 0.0  # TD3+BC alpha; 0 turns BC off (TD3+BC paper uses 2.5)
     features_dim: int = 512
+    encoder_head: str = "relu"  # one of ENCODER_HEADS: "layernorm" bounds the features (SAC-AE, DrQ)
     hidden: int = 256
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
@@ -92,6 +93,10 @@ class TD3Config:
         if self.encoder_update not in ENCODER_UPDATES:
             raise PipelineError(
                 f"unknown encoder update {self.encoder_update!r}; choose one of {', '.join(ENCODER_UPDATES)}"
+            )
+        if self.encoder_head not in ENCODER_HEADS:
+            raise PipelineError(
+                f"unknown encoder head {self.encoder_head!r}; choose one of {', '.join(ENCODER_HEADS)}"
             )
         if self.policy_delay < 1 or not 0.0 < self.tau <= 1.0 or self.bc_alpha < 0:
             raise PipelineError(
@@ -174,7 +179,7 @@ class TD3Agent:
         # Same seed -> same initial weights, without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std)
+            self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std, head=cfg.encoder_head)
             self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
             self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
         self.encoder_target = copy.deepcopy(self.encoder)
