@@ -10,6 +10,8 @@ Both learn from the same transitions at the same batch size (default 256) on the
 Needs the `bench` extra (stable-baselines3). One line per batch size:
 batch=<B> updates_per_s=<n> sb3_ratio=<ours / SB3 updates per s> replay_wait=<fraction of time
 waiting for data> gflop_s=<achieved: FLOPs of one update (torch's FlopCounterMode) x updates/s>
+sb3_gflop_s=<the same for SB3> flop_ratio=<SB3's FLOPs per update / ours>
+efficiency_ratio=<gflop_s / sb3_gflop_s>; sb3_ratio = flop_ratio x efficiency_ratio.
 
 ``--profile`` also prints torch.profiler's table of one timed stretch of our updates (self CPU/CUDA
 time per op), so a change can be aimed at where the time goes.
@@ -89,8 +91,11 @@ def _profiler(args):
     return profile(activities=activities)
 
 
-def sb3(store, args, batch_size: int) -> float:
+def sb3(store, args, batch_size: int) -> tuple[float, float]:
+    """SB3's updates/s and FLOPs per update (counted the same way as ours)."""
     import gymnasium as gym
+    from torch.utils.flop_counter import FlopCounterMode
+
     from stable_baselines3 import TD3
     from stable_baselines3.common.logger import configure
 
@@ -108,11 +113,15 @@ def sb3(store, args, batch_size: int) -> float:
         buffer.add({k: v[None] for k, v in t["obs"].items()}, {k: v[None] for k, v in t["next_obs"].items()},
                    t["action"][None], np.array([t["reward"]]), np.array([t["terminated"]]), [{}])
     model.train(gradient_steps=args.warmup, batch_size=batch_size)
+    counter = FlopCounterMode(display=False)
+    with counter:  # two gradient steps: one with the actor step (policy_delay 2), one without
+        model.train(gradient_steps=2, batch_size=batch_size)
+    flops = counter.get_total_flops() / 2
     _sync()
     started = time.perf_counter()
     model.train(gradient_steps=args.updates, batch_size=batch_size)
     _sync()
-    return args.updates / (time.perf_counter() - started)
+    return args.updates / (time.perf_counter() - started), flops
 
 
 def _sync():
@@ -142,10 +151,15 @@ def main():
             print(f"ours: {our_rate:.2f} updates/s at batch {batch_size} on {device} "
                   f"(compile={args.compile}, amp={not args.no_amp}), replay wait {wait:.1%}, "
                   f"{flops / 1e9:.2f} GFLOP per update")
-            sb3_rate = sb3(store, args, batch_size)
-            print(f"SB3 TD3 MultiInputPolicy: {sb3_rate:.2f} updates/s at batch {batch_size}")
+            sb3_rate, sb3_flops = sb3(store, args, batch_size)
+            print(f"SB3 TD3 MultiInputPolicy: {sb3_rate:.2f} updates/s at batch {batch_size}, "
+                  f"{sb3_flops / 1e9:.2f} GFLOP per update")
+            # sb3_ratio = flop_ratio (how much less work an update of ours is) x efficiency_ratio
+            # (our FLOP/s over SB3's on the same kernels): says which of the two a change moved.
             lines.append(f"batch={batch_size} updates_per_s={our_rate:.2f} sb3_ratio={our_rate / sb3_rate:.2f} "
-                         f"replay_wait={wait:.3f} gflop_s={flops * our_rate / 1e9:.1f}")
+                         f"replay_wait={wait:.3f} gflop_s={flops * our_rate / 1e9:.1f} "
+                         f"sb3_gflop_s={sb3_flops * sb3_rate / 1e9:.1f} flop_ratio={sb3_flops / flops:.2f} "
+                         f"efficiency_ratio={flops * our_rate / (sb3_flops * sb3_rate):.2f}")
     print("\n".join(lines))
 
 
