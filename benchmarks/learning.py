@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -135,14 +136,32 @@ class Schedule:
         return (env_steps - self.warmup) // self.chunk_steps * self.chunk_updates
 
 
+def job_warmup(offline: bool, warmup: int, batch_size: int) -> int:
+    """Random env steps before learning: none with a dataset; else ``warmup``, at least one batch
+    (``train()`` warms up >= one batch)."""
+    return 0 if offline else max(warmup, batch_size)
+
+
+def default_eval_every(learning_steps: int, train_freq: int) -> int:
+    """About 20 evaluation points: the multiple of ``train_freq`` that divides ``learning_steps``
+    nearest (by ratio) to a 20th of it; ``learning_steps`` itself when none divides it."""
+    target = max(learning_steps / 20, train_freq)
+    fits = [d for d in range(train_freq, learning_steps + 1, train_freq) if learning_steps % d == 0]
+    return min(fits, key=lambda d: abs(math.log(d / target))) if fits else learning_steps
+
+
 def make_schedule(job: Job) -> Schedule:
     """Learning env steps are a whole number of ``eval_every`` periods; our loop runs rollouts in
     chunks of up to ~50 env steps that divide ``eval_every``, so evaluations fall on chunk ends."""
-    warmup = 0 if job.data else max(job.warmup, job.batch_size)  # train() warms up >= one batch
-    periods = (job.budget - warmup) // job.eval_every
+    warmup = job_warmup(job.data is not None, job.warmup, job.batch_size)
+    periods, left = divmod(job.budget - warmup, job.eval_every)
     if periods < 1:
         raise PipelineError(f"--budget {job.budget} leaves no --eval-every {job.eval_every} period after "
                             f"{warmup} warm-up steps")
+    if left:  # a run shorter than asked would be reported under the budget it did not have
+        raise PipelineError(f"--budget {job.budget} is not {warmup} warm-up steps plus whole --eval-every "
+                            f"{job.eval_every} periods; use --budget {job.budget - left} or "
+                            f"{job.budget - left + job.eval_every}")
     phases = job.eval_every // job.train_freq
     m = max(d for d in range(1, max(1, 50 // job.train_freq) + 1) if phases % d == 0)
     chunk_steps, chunk_updates = job.train_freq * m, job.gradient_steps * m
@@ -692,9 +711,9 @@ PRESETS = {
             dict(name="a", setting="image", start="offline", variants=["critic", "actor+critic", "frozen", "sb3"],
                  budget=100_000, eval_every=5_000, bc_alpha=2.5),
             dict(name="b", setting="full", start="online", variants=["critic", "sb3", "sb3-mlp"],
-                 budget=100_000, warmup=1_000, eval_every=5_000),
+                 budget=100_000, warmup=1_000, eval_every=4_950),  # 20 periods after the warm-up
             dict(name="c", setting="image", start="online", variants=["critic", "frozen", "actor+critic", "sb3"],
-                 budget=100_000, warmup=1_000, eval_every=5_000),
+                 budget=100_000, warmup=1_000, eval_every=4_950),
         ],
     },
 }
@@ -725,7 +744,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="env steps (default: a 20th of the budget after warm-up, a multiple of --train-freq)")
+                   help="env steps; the budget after warm-up must be whole periods (default: about a 20th of it, "
+                        "a multiple of --train-freq that divides it)")
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--final-episodes", type=int, default=10)
     p.add_argument("--dataset-episodes", type=int, default=20)
@@ -770,15 +790,15 @@ def parse_args(argv=None):
     if not 0.0 < args.online_mix <= 1.0:
         p.error("--online-mix must be in (0, 1]: the benchmark counts env steps of fresh rollouts")
     if not args.preset:
-        if args.eval_every is None:
-            learning = args.budget - max(args.warmup, args.batch_size)
-            args.eval_every = max(learning // 20 // args.train_freq, 1) * args.train_freq
         args.parts = [dict(name=f"{s}-{st}", setting=s, start=st,  # sb3-mlp learns online only
                            variants=[v for v in args.variants if st == "online" or v != "sb3-mlp"])
                       for s in args.settings for st in args.starts]
     for part in args.parts:  # a part's own budget, else the shared option
         for key in PART_KEYS:
             part.setdefault(key, getattr(args, key))
+        if part["eval_every"] is None:  # per part: an offline start has no warm-up
+            learning = part["budget"] - job_warmup(part["start"] == "offline", part["warmup"], args.batch_size)
+            part["eval_every"] = default_eval_every(max(learning, 1), args.train_freq)
         if part["eval_every"] % args.train_freq:
             p.error(f"eval every {part['eval_every']} must be a multiple of --train-freq {args.train_freq}")
         if part["start"] == "offline" and "sb3-mlp" in part["variants"]:

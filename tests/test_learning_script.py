@@ -164,3 +164,24 @@ def test_bad_budgets_fail_before_training(learning, tmp_path):
                        "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
                        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "work" / "runs").exists()
+    # 12,000 env steps after a 500-step warm-up are not whole periods of 1,000: refused, not run as 11,500
+    with pytest.raises(PipelineError, match="use --budget 11500 or 12500"):
+        learning.main(["--budget", "12000", "--warmup", "500", "--eval-every", "1000", "--batch-size", "8",
+                       "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
+                       "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_the_default_evaluation_period_divides_each_parts_budget(learning):
+    """Without --eval-every each part gets about 20 periods that fill its budget exactly: an online
+    start spends its warm-up first, an offline start has none."""
+    args = learning.parse_args(["--budget", "1030", "--warmup", "30", "--train-freq", "2", "--batch-size", "8",
+                                "--starts", "online", "offline", "--settings", "image"])
+    periods = {p["start"]: p["eval_every"] for p in args.parts}
+    assert periods == {"online": 50, "offline": 206}  # 1,000 = 20 x 50; 1,030 = 2 x 5 x 103: 5 x 206
+    for part in args.parts:
+        warmup = 0 if part["start"] == "offline" else 30
+        assert (part["budget"] - warmup) % part["eval_every"] == 0 and part["eval_every"] % 2 == 0
+    for part in learning.parse_args(["--preset", "gpu"]).parts + learning.parse_args(["--preset", "cpu"]).parts:
+        warmup = 0 if part["start"] == "offline" else part["warmup"]
+        assert (part["budget"] - warmup) % part["eval_every"] == 0, part["name"]
