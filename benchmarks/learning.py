@@ -901,5 +901,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except PipelineError as e:
-        raise SystemExit(f"error: {e}") from None
+    except PipelineError as e:  # bad input: one line and exit 2, as the CLI does
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -6,6 +6,7 @@ one seed, 60 env steps, batch 8) feeds every test below.
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,6 +171,14 @@ def test_bad_budgets_fail_before_training(learning, tmp_path):
                        "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
                        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "work" / "runs").exists()
+    # from the command line: one line and exit 2
+    done = subprocess.run([sys.executable, str(SCRIPT), "--budget", "12000", "--warmup", "500", "--eval-every",
+                           "1000", "--settings", "full", "--variants", "frozen", "--starts", "online",
+                           "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "out2")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --budget 12000 is not 500 warm-up steps plus whole --eval-every 1000 periods; "
+        "use --budget 11500 or 12500"]
 
 
 def test_the_default_evaluation_period_divides_each_parts_budget(learning):
