@@ -15,6 +15,7 @@ def dask_client(workers: int, scheduler: str | None):
     """A dask ``Client`` on an existing scheduler (``scheduler`` address) or on a local cluster of
     ``workers`` single-threaded processes; closes what it started. An unreachable scheduler is a
     :class:`PipelineError`."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     cluster = None
@@ -22,8 +23,12 @@ def dask_client(workers: int, scheduler: str | None):
         if scheduler:
             client = Client(scheduler, timeout="10s")
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=50)
+            # Workers of our own cluster run without dask's statistical profiler: it samples the
+            # worker's stack every 10 ms under the GIL, and recording ran ~7% faster without it
+            # (benchmarks/results/collect_scaling.txt). The nannies hand this config to their workers.
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=50)
             client = Client(cluster)
     except OSError as exc:
         if cluster is not None:

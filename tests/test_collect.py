@@ -129,6 +129,19 @@ def test_dask_workers_commit_the_same_episodes(tmp_path):
     assert returns_a == pytest.approx(returns_b)
 
 
+def test_our_local_cluster_runs_its_workers_without_the_profiler():
+    """dask's statistical profiler samples each worker every 10 ms under the GIL; the cluster that
+    `collect --workers N` starts turns it off in its workers (and leaves the caller's config alone)."""
+    import dask
+
+    from pipeline.cluster import dask_client
+
+    with dask_client(1, None) as client:
+        seen = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+    assert list(seen.values()) == [False]
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
 def test_collect_joins_an_existing_dask_scheduler(tmp_path):
     from dask.distributed import LocalCluster
 
