@@ -70,9 +70,9 @@ def plain(args, processes: int) -> float:
                for i in range(processes)]
     for w in workers:
         w.start()
-    barrier.wait()
+    barrier.wait(timeout=600)  # a child that dies before the barrier breaks it instead of hanging here
     started = time.perf_counter()
-    steps = sum(results.get() for _ in workers)
+    steps = sum(results.get(timeout=3600) for _ in workers)
     elapsed = time.perf_counter() - started
     for w in workers:
         w.join()
