@@ -818,7 +818,6 @@ def main(argv=None) -> dict:
     on_cuda = resolve_device(args.device).type == "cuda"
     started = time.perf_counter()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="learning-"))
-    work.mkdir(parents=True, exist_ok=True)
     try:
         jobs = [Job(setting=part["setting"], start=part["start"], variant=v, seed=seed, route=args.route,
                     **setting_env(part["setting"], args.traffic), budget=part["budget"], warmup=part["warmup"],
@@ -830,8 +829,9 @@ def main(argv=None) -> dict:
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]
         jobs = [dataclasses.replace(j, run_dir=str(work / "runs" / j.name)) for j in jobs]
-        for job in jobs:  # a budget too small for one evaluation period fails before any training
+        for job in jobs:  # a bad budget fails before any training, and before the work dir exists
             make_schedule(job)
+        work.mkdir(parents=True, exist_ok=True)
         datasets = {}
         for setting in dict.fromkeys(p["setting"] for p in args.parts if p["start"] == "offline"):
             datasets[setting] = expert_dataset(work / "datasets" / f"{setting}.zarr", args, setting)

@@ -164,13 +164,13 @@ def test_bad_budgets_fail_before_training(learning, tmp_path):
         learning.main(["--budget", "30", "--warmup", "20", "--eval-every", "20", "--batch-size", "8",
                        "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
                        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out.json").exists() and not (tmp_path / "work" / "runs").exists()
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "work").exists()
     # 12,000 env steps after a 500-step warm-up are not whole periods of 1,000: refused, not run as 11,500
     with pytest.raises(PipelineError, match="use --budget 11500 or 12500"):
         learning.main(["--budget", "12000", "--warmup", "500", "--eval-every", "1000", "--batch-size", "8",
                        "--seeds", "0", "--settings", "full", "--variants", "frozen", "--starts", "online",
                        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "work" / "runs").exists()
+    assert not (tmp_path / "work").exists()
     # from the command line: one line and exit 2
     done = subprocess.run([sys.executable, str(SCRIPT), "--budget", "12000", "--warmup", "500", "--eval-every",
                            "1000", "--settings", "full", "--variants", "frozen", "--starts", "online",
