@@ -109,13 +109,11 @@ def test_encoder_weights_and_features_change_over_100_updates():
     probe = make_obs(np.random.default_rng(99), 2)
     features_before = agent.extract_features(probe, enable_grad=False)
     weights_before = snapshot(agent.encoder)
-    target_before = snapshot(agent.encoder_target)
     batches = [make_batch(seed=s, b=4) for s in range(4)]
     for i in range(100):
         metrics = agent.update(batches[i % 4])
     assert all(np.isfinite(v) for v in metrics.values())
     assert changed(agent.encoder, weights_before) == set(weights_before), "every CNN weight should move"
-    assert changed(agent.encoder_target, target_before) == set(target_before)
     features_after = agent.extract_features(probe, enable_grad=False)
     assert not torch.allclose(features_before, features_after), "CNN features should adapt"
 
@@ -135,13 +133,13 @@ def test_layernorm_head_keeps_the_pixel_features_in_tanh_range_and_the_vector_as
 
 def test_frozen_encoder_gets_no_gradient_and_never_changes():
     agent = make_agent(encoder_update="frozen")
-    encoder, target = snapshot(agent.encoder), snapshot(agent.encoder_target)
+    encoder = snapshot(agent.encoder)
     actor, critic = snapshot(agent.actor), snapshot(agent.critic)
     for s in range(6):
         metrics = agent.update(make_batch(seed=s, b=4))
     assert all(p.grad is None for p in agent.encoder.parameters())
     assert metrics["encoder_grad_norm"] == 0.0
-    assert not changed(agent.encoder, encoder) and not changed(agent.encoder_target, target)
+    assert not changed(agent.encoder, encoder)
     assert changed(agent.actor, actor) and changed(agent.critic, critic)
     assert not agent.extract_features(make_batch()["obs"], enable_grad=True).requires_grad
 
@@ -243,7 +241,7 @@ def test_autocast_covers_the_cnn_only_heads_and_td_target_run_in_fp32():
                 seen.setdefault(name, set()).add(tensor.dtype)
         return hook
 
-    for net in ("encoder", "encoder_target", "actor", "actor_target", "critic", "critic_target"):
+    for net in ("encoder", "actor", "actor_target", "critic", "critic_target"):
         for name, module in getattr(agent, net).named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 module.register_forward_hook(record(f"{net}.{name}"))
@@ -252,9 +250,9 @@ def test_autocast_covers_the_cnn_only_heads_and_td_target_run_in_fp32():
     agent.update(make_batch(seed=2))  # the delayed actor step and the targets
     agent.select_action({k: v.numpy() for k, v in make_batch(seed=3)["obs"].items()})
 
-    cnn = {n: d for n, d in seen.items() if n.startswith(("encoder.cnn", "encoder_target.cnn"))}
+    cnn = {n: d for n, d in seen.items() if n.startswith("encoder.cnn")}
     assert cnn and all(d == {torch.bfloat16} for d in cnn.values()), cnn  # autocast was really on
-    assert seen["encoder"] == seen["encoder_target"] == {torch.float32}  # features leave it as fp32
+    assert seen["encoder"] == {torch.float32}  # features leave it as fp32
     heads = {n: d for n, d in seen.items() if n.startswith(("actor", "critic"))}
     assert {n.split(".")[0] for n in heads} == {"actor", "actor_target", "critic", "critic_target"}
     assert all(d == {torch.float32} for d in heads.values()), heads
@@ -312,8 +310,8 @@ def test_select_action_single_and_batch():
 
 def test_actor_and_targets_update_every_policy_delay_steps_by_polyak_tau():
     agent = make_agent(tau=0.1, policy_delay=2)
-    assert agent.encoder_target is not agent.encoder
-    nets = ("encoder", "actor", "critic")
+    assert not hasattr(agent, "encoder_target")  # the TD target reads s' through the online encoder
+    nets = ("actor", "critic")
     targets = {n: snapshot(getattr(agent, f"{n}_target")) for n in nets}
     actor = snapshot(agent.actor)
 
@@ -329,6 +327,21 @@ def test_actor_and_targets_update_every_policy_delay_steps_by_polyak_tau():
             expected = targets[n][name] + 0.1 * (online[name].detach() - targets[n][name])
             torch.testing.assert_close(p, expected, msg=f"{n}_target.{name} is not a Polyak step")
         assert changed(getattr(agent, f"{n}_target"), targets[n])
+
+
+def test_td_target_reads_next_obs_through_the_online_encoder():
+    # After a few updates the online encoder has moved; a Polyak copy at tau 0.005 would lag it
+    # and give another target. No target noise and no augmentation, so y can be computed by hand.
+    agent = make_agent(augment=False, policy_noise=0.0)
+    for s in range(3):
+        agent.update(make_batch(seed=s, b=4))
+    batch = make_batch(seed=9, b=4)
+    with torch.no_grad():
+        next_features = agent.extract_features(batch["next_obs"], enable_grad=False)
+        next_q = torch.min(*agent.critic_target(next_features, agent.actor_target(next_features)))
+        y = batch["reward"] + batch["discount"] * (1 - batch["done"]) * next_q
+    metrics = agent.update_critic(batch)
+    assert metrics["q_target_mean"] == pytest.approx(float(y.mean()), rel=1e-5, abs=1e-6)
 
 
 # ---------------------------------------------------------------- TD3+BC
@@ -410,7 +423,7 @@ def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):
     # update 4 runs the delayed actor step and the target averaging: counter, optimiser moments,
     # augmentation and target-noise RNG must all have been restored
     assert straight.update(batches[3]) == resumed.update(batches[3])
-    for name in ("encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"):
+    for name in ("encoder", "actor", "critic", "actor_target", "critic_target"):
         a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     obs = {k: v.numpy() for k, v in batches[0]["obs"].items()}

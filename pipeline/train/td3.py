@@ -9,10 +9,11 @@ One update, read top to bottom in :meth:`TD3Agent.update`:
 
 1. random-shift the image of ``obs`` and ``next_obs`` (DrQ), move the batch to the device;
 2. critic: ``y = r + discount * (1 - done) * min Q_targ(s', pi_targ(s') + clipped noise)``, where
-   the target side uses the target encoder; MSE of both Q heads to ``y`` trains critic + encoder;
+   ``s'`` is read by the online encoder under ``no_grad`` (DrQ-v2: no target encoder); MSE of both
+   Q heads to ``y`` trains critic + encoder;
 3. every ``policy_delay`` updates: actor loss ``-Q1(sg(phi), pi(phi))`` (plus TD3+BC's
-   behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average all three
-   target networks. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
+   behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average the actor
+   and critic targets. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
    features, so the actor loss reaches the encoder only through the policy. Otherwise most of its
    encoder gradient comes through the critic's state input (measured: 2.25 of the gradient norm vs
    0.12 through the policy), which pushes the CNN to inflate Q rather than to act better.
@@ -154,9 +155,10 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 class TD3Agent:
     """TD3 with a trainable pixel encoder. See the module docstring for the update and the modes.
 
-    Attributes: ``encoder``, ``actor``, ``critic`` and their Polyak targets ``encoder_target``,
-    ``actor_target``, ``critic_target``; one Adam optimiser each for actor, critic and encoder;
-    ``num_updates`` (calls to :meth:`update`).
+    Attributes: ``encoder``, ``actor``, ``critic``; the Polyak targets ``actor_target`` and
+    ``critic_target`` (the TD target reads ``s'`` through the online encoder, see
+    :meth:`_critic_step`); one Adam optimiser each for actor, critic and encoder; ``num_updates``
+    (calls to :meth:`update`).
     """
 
     def __init__(
@@ -182,7 +184,6 @@ class TD3Agent:
             self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std, head=cfg.encoder_head)
             self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
             self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
-        self.encoder_target = copy.deepcopy(self.encoder)
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
         memory_format = torch.channels_last if self._channels_last else torch.preserve_format
@@ -212,7 +213,7 @@ class TD3Agent:
         return [self.encoder, self.actor, self.critic]
 
     def _targets(self):
-        return [self.encoder_target, self.actor_target, self.critic_target]
+        return [self.actor_target, self.critic_target]
 
     @property
     def _trains_encoder(self) -> bool:
@@ -292,7 +293,11 @@ class TD3Agent:
         """One critic (+ encoder) step on a prepared batch; returns the (detached) obs features."""
         cfg = self.config
         with torch.no_grad():
-            next_features = self._encode(self.encoder_target, b["next_obs"])
+            # The online encoder, not a Polyak copy (DrQ-v2). A target encoder at tau 0.005 lags the
+            # CNN the critic is training, and measured worse: image setting, online from scratch,
+            # 6k env steps, 3 seeds: 54.6% route completion against 75.2% this way
+            # (benchmarks/results/learning-cpu-ablations.md).
+            next_features = self._encode(self.encoder, b["next_obs"])
             noise = torch.randn(b["action"].shape, device=self.device, generator=self._update_rng)
             noise = (noise * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
             next_action = (self.actor_target(next_features) + noise).clamp(-1.0, 1.0)
@@ -370,7 +375,7 @@ class TD3Agent:
     @torch.no_grad()
     def _soft_update_targets(self) -> None:
         tau = self.config.tau
-        for online, target in zip(self._online(), self._targets()):
+        for online, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
             for p, p_targ in zip(online.parameters(), target.parameters()):
                 p_targ.lerp_(p, tau)
 
@@ -422,8 +427,10 @@ class TD3Agent:
             "rng": {"update": self._update_rng.get_state(), "explore": self._explore_rng.get_state()},
         }
 
+    # Checkpoints of version 1 written before the target encoder was dropped also hold
+    # "encoder_target"; it is ignored, so they still load.
     _STATE_NAMES = (
-        "encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target",
+        "encoder", "actor", "critic", "actor_target", "critic_target",
         "actor_opt", "critic_opt", "encoder_opt",
     )
 
