@@ -390,6 +390,12 @@ def test_save_load_round_trip_with_weights_only(tmp_path, head):
     np.testing.assert_array_equal(loaded.select_action(obs), agent.select_action(obs))
     np.testing.assert_array_equal(loaded.select_action(obs, noise=0.2), agent.select_action(obs, noise=0.2))
 
+    # Checkpoints written before the target encoder was dropped (2ee1631) hold one more state dict.
+    older = {**raw, "encoder_target": raw["encoder"]}
+    torch.save(older, tmp_path / "older.pt")
+    from_older = TD3Agent.load(tmp_path / "older.pt", map_location="cpu", expected_obs_spec=SPEC)
+    np.testing.assert_array_equal(from_older.select_action(obs), agent.select_action(obs))
+
 
 def test_checkpoint_errors_are_one_line_pipeline_errors(tmp_path):
     speed_only = ObsSpec(vector_fields="speed")
