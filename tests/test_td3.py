@@ -109,11 +109,13 @@ def test_encoder_weights_and_features_change_over_100_updates():
     probe = make_obs(np.random.default_rng(99), 2)
     features_before = agent.extract_features(probe, enable_grad=False)
     weights_before = snapshot(agent.encoder)
+    target_before = snapshot(agent.encoder_target)
     batches = [make_batch(seed=s, b=4) for s in range(4)]
     for i in range(100):
         metrics = agent.update(batches[i % 4])
     assert all(np.isfinite(v) for v in metrics.values())
     assert changed(agent.encoder, weights_before) == set(weights_before), "every CNN weight should move"
+    assert changed(agent.encoder_target, target_before) == set(target_before)
     features_after = agent.extract_features(probe, enable_grad=False)
     assert not torch.allclose(features_before, features_after), "CNN features should adapt"
 
@@ -133,13 +135,13 @@ def test_layernorm_head_keeps_the_pixel_features_in_tanh_range_and_the_vector_as
 
 def test_frozen_encoder_gets_no_gradient_and_never_changes():
     agent = make_agent(encoder_update="frozen")
-    encoder = snapshot(agent.encoder)
+    encoder, target = snapshot(agent.encoder), snapshot(agent.encoder_target)
     actor, critic = snapshot(agent.actor), snapshot(agent.critic)
     for s in range(6):
         metrics = agent.update(make_batch(seed=s, b=4))
     assert all(p.grad is None for p in agent.encoder.parameters())
     assert metrics["encoder_grad_norm"] == 0.0
-    assert not changed(agent.encoder, encoder)
+    assert not changed(agent.encoder, encoder) and not changed(agent.encoder_target, target)
     assert changed(agent.actor, actor) and changed(agent.critic, critic)
     assert not agent.extract_features(make_batch()["obs"], enable_grad=True).requires_grad
 
@@ -241,7 +243,7 @@ def test_autocast_covers_the_cnn_only_heads_and_td_target_run_in_fp32():
                 seen.setdefault(name, set()).add(tensor.dtype)
         return hook
 
-    for net in ("encoder", "actor", "actor_target", "critic", "critic_target"):
+    for net in ("encoder", "encoder_target", "actor", "actor_target", "critic", "critic_target"):
         for name, module in getattr(agent, net).named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 module.register_forward_hook(record(f"{net}.{name}"))
@@ -250,9 +252,9 @@ def test_autocast_covers_the_cnn_only_heads_and_td_target_run_in_fp32():
     agent.update(make_batch(seed=2))  # the delayed actor step and the targets
     agent.select_action({k: v.numpy() for k, v in make_batch(seed=3)["obs"].items()})
 
-    cnn = {n: d for n, d in seen.items() if n.startswith("encoder.cnn")}
+    cnn = {n: d for n, d in seen.items() if n.startswith(("encoder.cnn", "encoder_target.cnn"))}
     assert cnn and all(d == {torch.bfloat16} for d in cnn.values()), cnn  # autocast was really on
-    assert seen["encoder"] == {torch.float32}  # features leave it as fp32
+    assert seen["encoder"] == seen["encoder_target"] == {torch.float32}  # features leave it as fp32
     heads = {n: d for n, d in seen.items() if n.startswith(("actor", "critic"))}
     assert {n.split(".")[0] for n in heads} == {"actor", "actor_target", "critic", "critic_target"}
     assert all(d == {torch.float32} for d in heads.values()), heads
@@ -310,8 +312,8 @@ def test_select_action_single_and_batch():
 
 def test_actor_and_targets_update_every_policy_delay_steps_by_polyak_tau():
     agent = make_agent(tau=0.1, policy_delay=2)
-    assert not hasattr(agent, "encoder_target")  # the TD target reads s' through the online encoder
-    nets = ("actor", "critic")
+    assert agent.encoder_target is not agent.encoder
+    nets = ("encoder", "actor", "critic")
     targets = {n: snapshot(getattr(agent, f"{n}_target")) for n in nets}
     actor = snapshot(agent.actor)
 
@@ -329,19 +331,28 @@ def test_actor_and_targets_update_every_policy_delay_steps_by_polyak_tau():
         assert changed(getattr(agent, f"{n}_target"), targets[n])
 
 
-def test_td_target_reads_next_obs_through_the_online_encoder():
-    # After a few updates the online encoder has moved; a Polyak copy at tau 0.005 would lag it
-    # and give another target. No target noise and no augmentation, so y can be computed by hand.
-    agent = make_agent(augment=False, policy_noise=0.0)
-    for s in range(3):
-        agent.update(make_batch(seed=s, b=4))
-    batch = make_batch(seed=9, b=4)
+def _td_target_by_hand(agent, batch, next_encoder):
     with torch.no_grad():
-        next_features = agent.extract_features(batch["next_obs"], enable_grad=False)
+        next_features = next_encoder(batch["next_obs"])
         next_q = torch.min(*agent.critic_target(next_features, agent.actor_target(next_features)))
-        y = batch["reward"] + batch["discount"] * (1 - batch["done"]) * next_q
+        return float((batch["reward"] + batch["discount"] * (1 - batch["done"]) * next_q).mean())
+
+
+@pytest.mark.parametrize("target_encoder", [True, False])
+def test_td_target_reads_next_obs_through_the_target_encoder_or_with_the_option_off_the_online_one(
+        target_encoder):
+    # After a few updates the online encoder has moved and the Polyak copy (tau 0.1 here) lags it,
+    # so the two give different targets. No target noise, no augmentation: y can be computed by hand.
+    agent = make_agent(augment=False, policy_noise=0.0, tau=0.1, target_encoder=target_encoder)
+    for s in range(4):
+        agent.update(make_batch(seed=s, b=4))
+    assert (agent.encoder_target is not None) == target_encoder
+    batch = make_batch(seed=9, b=4)
+    online = _td_target_by_hand(agent, batch, agent.encoder)
+    expected = _td_target_by_hand(agent, batch, agent.encoder_target) if target_encoder else online
+    assert target_encoder is False or abs(expected - online) > 1e-4  # the test can tell them apart
     metrics = agent.update_critic(batch)
-    assert metrics["q_target_mean"] == pytest.approx(float(y.mean()), rel=1e-5, abs=1e-6)
+    assert metrics["q_target_mean"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 # ---------------------------------------------------------------- TD3+BC
@@ -390,11 +401,15 @@ def test_save_load_round_trip_with_weights_only(tmp_path, head):
     np.testing.assert_array_equal(loaded.select_action(obs), agent.select_action(obs))
     np.testing.assert_array_equal(loaded.select_action(obs, noise=0.2), agent.select_action(obs, noise=0.2))
 
-    # Checkpoints written before the target encoder was dropped (2ee1631) hold one more state dict.
-    older = {**raw, "encoder_target": raw["encoder"]}
-    torch.save(older, tmp_path / "older.pt")
-    from_older = TD3Agent.load(tmp_path / "older.pt", map_location="cpu", expected_obs_spec=SPEC)
-    np.testing.assert_array_equal(from_older.select_action(obs), agent.select_action(obs))
+    # One commit (2ee1631) wrote checkpoints without a target encoder and without the option: they
+    # load as target_encoder=False, act the same, and save again without one.
+    without = {k: v for k, v in raw.items() if k != "encoder_target"}
+    without["config"] = {k: v for k, v in raw["config"].items() if k != "target_encoder"}
+    torch.save(without, tmp_path / "no_target.pt")
+    from_without = TD3Agent.load(tmp_path / "no_target.pt", map_location="cpu", expected_obs_spec=SPEC)
+    assert from_without.encoder_target is None and from_without.config.target_encoder is False
+    np.testing.assert_array_equal(from_without.select_action(obs), agent.select_action(obs))
+    assert "encoder_target" not in from_without.state_dict()
 
 
 def test_checkpoint_errors_are_one_line_pipeline_errors(tmp_path):
@@ -429,7 +444,7 @@ def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):
     # update 4 runs the delayed actor step and the target averaging: counter, optimiser moments,
     # augmentation and target-noise RNG must all have been restored
     assert straight.update(batches[3]) == resumed.update(batches[3])
-    for name in ("encoder", "actor", "critic", "actor_target", "critic_target"):
+    for name in ("encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"):
         a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     obs = {k: v.numpy() for k, v in batches[0]["obs"].items()}

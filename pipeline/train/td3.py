@@ -9,11 +9,11 @@ One update, read top to bottom in :meth:`TD3Agent.update`:
 
 1. random-shift the image of ``obs`` and ``next_obs`` (DrQ), move the batch to the device;
 2. critic: ``y = r + discount * (1 - done) * min Q_targ(s', pi_targ(s') + clipped noise)``, where
-   ``s'`` is read by the online encoder under ``no_grad`` (DrQ-v2: no target encoder); MSE of both
-   Q heads to ``y`` trains critic + encoder;
+   the target side reads ``s'`` through the target encoder; MSE of both Q heads to ``y`` trains
+   critic + encoder;
 3. every ``policy_delay`` updates: actor loss ``-Q1(sg(phi), pi(phi))`` (plus TD3+BC's
-   behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average the actor
-   and critic targets. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
+   behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average all three
+   target networks. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
    features, so the actor loss reaches the encoder only through the policy. Otherwise most of its
    encoder gradient comes through the critic's state input (measured: 2.25 of the gradient norm vs
    0.12 through the policy), which pushes the CNN to inflate Q rather than to act better.
@@ -83,6 +83,9 @@ class TD3Config:
     bc_alpha: float = 0.0  # TD3+BC alpha; 0 turns BC off (TD3+BC paper uses 2.5)
     features_dim: int = 512
     encoder_head: str = "relu"  # one of ENCODER_HEADS: "layernorm" bounds the features (SAC-AE, DrQ)
+    # A Polyak copy of the CNN reads s' for the TD target. False: the online CNN does (DrQ-v2); same
+    # box, 3 seeds, it measured worse in two of the CPU preset's three parts (learning-cpu-ablations.md).
+    target_encoder: bool = True
     hidden: int = 256
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
@@ -155,10 +158,10 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 class TD3Agent:
     """TD3 with a trainable pixel encoder. See the module docstring for the update and the modes.
 
-    Attributes: ``encoder``, ``actor``, ``critic``; the Polyak targets ``actor_target`` and
-    ``critic_target`` (the TD target reads ``s'`` through the online encoder, see
-    :meth:`_critic_step`); one Adam optimiser each for actor, critic and encoder; ``num_updates``
-    (calls to :meth:`update`).
+    Attributes: ``encoder``, ``actor``, ``critic`` and their Polyak targets ``encoder_target``
+    (``None`` with ``target_encoder=False``: the TD target then reads ``s'`` through ``encoder``),
+    ``actor_target``, ``critic_target``; one Adam optimiser each for actor, critic and encoder;
+    ``num_updates`` (calls to :meth:`update`).
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class TD3Agent:
             self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std, head=cfg.encoder_head)
             self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
             self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
+        self.encoder_target = copy.deepcopy(self.encoder) if cfg.target_encoder else None
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
         memory_format = torch.channels_last if self._channels_last else torch.preserve_format
@@ -212,8 +216,15 @@ class TD3Agent:
     def _online(self):
         return [self.encoder, self.actor, self.critic]
 
+    def _target_pairs(self):
+        """(online network, its Polyak target) for every target the agent has."""
+        pairs = [(self.actor, self.actor_target), (self.critic, self.critic_target)]
+        if self.encoder_target is not None:
+            pairs.append((self.encoder, self.encoder_target))
+        return pairs
+
     def _targets(self):
-        return [self.actor_target, self.critic_target]
+        return [target for _, target in self._target_pairs()]
 
     @property
     def _trains_encoder(self) -> bool:
@@ -293,11 +304,8 @@ class TD3Agent:
         """One critic (+ encoder) step on a prepared batch; returns the (detached) obs features."""
         cfg = self.config
         with torch.no_grad():
-            # The online encoder, not a Polyak copy (DrQ-v2). A target encoder at tau 0.005 lags the
-            # CNN the critic is training, and measured worse: image setting, online from scratch,
-            # 6k env steps, 3 seeds: 54.6% route completion against 75.2% this way
-            # (benchmarks/results/learning-cpu-ablations.md).
-            next_features = self._encode(self.encoder, b["next_obs"])
+            next_encoder = self.encoder if self.encoder_target is None else self.encoder_target
+            next_features = self._encode(next_encoder, b["next_obs"])
             noise = torch.randn(b["action"].shape, device=self.device, generator=self._update_rng)
             noise = (noise * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
             next_action = (self.actor_target(next_features) + noise).clamp(-1.0, 1.0)
@@ -375,7 +383,7 @@ class TD3Agent:
     @torch.no_grad()
     def _soft_update_targets(self) -> None:
         tau = self.config.tau
-        for online, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
+        for online, target in self._target_pairs():
             for p, p_targ in zip(online.parameters(), target.parameters()):
                 p_targ.lerp_(p, tau)
 
@@ -423,23 +431,21 @@ class TD3Agent:
             "obs_spec": self.obs_spec.to_dict(),
             "action_spec": self.action_spec.to_dict(),
             "num_updates": self.num_updates,
-            **{name: getattr(self, name).state_dict() for name in self._STATE_NAMES},
+            **{name: getattr(self, name).state_dict() for name in self._state_names()},
             "rng": {"update": self._update_rng.get_state(), "explore": self._explore_rng.get_state()},
         }
 
-    # Checkpoints of version 1 written before the target encoder was dropped also hold
-    # "encoder_target"; it is ignored, so they still load.
-    _STATE_NAMES = (
-        "encoder", "actor", "critic", "actor_target", "critic_target",
-        "actor_opt", "critic_opt", "encoder_opt",
-    )
+    def _state_names(self) -> list[str]:
+        names = ["encoder", "actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt",
+                 "encoder_opt"]
+        return names + (["encoder_target"] if self.encoder_target is not None else [])
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`. Raises :class:`SpecMismatchError` if its obs or action spec
         differs from this agent's. The agent's own ``config`` is kept."""
         self.obs_spec.check_compatible(ObsSpec.from_dict(state["obs_spec"]), "checkpoint")
         self.action_spec.check_compatible(ActionSpec.from_dict(state["action_spec"]), "checkpoint")
-        for name in self._STATE_NAMES:
+        for name in self._state_names():
             getattr(self, name).load_state_dict(state[name])
         self.num_updates = int(state["num_updates"])
         self._update_rng.set_state(state["rng"]["update"])
@@ -488,7 +494,10 @@ class TD3Agent:
         if expected_obs_spec is not None:
             expected_obs_spec.check_compatible(obs_spec, what)
         known = {f.name for f in dataclasses.fields(TD3Config)}
-        config = TD3Config(**{k: v for k, v in state["config"].items() if k in known})
+        saved = state["config"]
+        if "target_encoder" not in saved:  # version 1 before the option: one commit (2ee1631) had none
+            saved = {**saved, "target_encoder": "encoder_target" in state}
+        config = TD3Config(**{k: v for k, v in saved.items() if k in known})
         if map_location is not None:
             config = dataclasses.replace(config, device=str(map_location))
         agent = cls(obs_spec, ActionSpec.from_dict(state["action_spec"]), config)
