@@ -404,9 +404,11 @@ def expert_dataset(path: Path, args, setting: str) -> dict:
                            **setting_env(setting, args.traffic))
     summary = collect(config, progress=False)
     store = TransitionStore(str(path))
+    recorded = summary["episodes_recorded"]  # 0 when the store was complete already: no means then
     return {"episodes": store.num_episodes, "transitions": store.num_transitions, "policy": "expert",
-            "noise": args.dataset_noise, "mean_return": summary["mean_return"],
-            "mean_route_completion": 100.0 * summary["mean_route_completion"]}
+            "noise": args.dataset_noise, "episodes_recorded_now": recorded,
+            "mean_return": summary["mean_return"] if recorded else None,
+            "mean_route_completion": 100.0 * summary["mean_route_completion"] if recorded else None}
 
 
 def hardware(device: str, threads: int | None) -> dict:
@@ -891,10 +893,11 @@ def main(argv=None) -> dict:
     report["targets"] = targets(summary, runs, throughput, on_cuda)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {out}.json, {out}.png, {out}.md")
+    written = [out.with_suffix(suffix) for suffix in (".json", ".png", ".md")]
+    written[0].write_text(json.dumps(report, indent=1, allow_nan=False))  # strict JSON for any reader
+    plot(report, written[1])
+    written[2].write_text(markdown(report))
+    print("wrote " + ", ".join(map(str, written)))
     return report
 
 
