@@ -180,7 +180,8 @@ def _say_lost_servers(events: list[str]) -> None:
               help="Adam learning rate of the CNN (DrQ-v2 uses 1e-4); actor and critic keep 3e-4.")
 @click.option("--encoder-head", type=click.Choice(["relu", "layernorm"]), default="relu", show_default=True,
               help="The CNN's last layer: relu (Nature DQN) or layernorm (LayerNorm + tanh, as SAC-AE and DrQ).")
-@click.option("--bc-alpha", type=float, default=0.0, show_default=True, help="TD3+BC alpha on offline rows; 0 = off.")
+@click.option("--bc-alpha", type=float, default=None,
+              help="TD3+BC alpha on the dataset's rows; 0 = off [default: 2.5 with --data, else 0].")
 @click.option("--n-step", type=int, default=3, show_default=True)
 @click.option("--gamma", type=float, default=0.99, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Disable random-shift augmentation.")
@@ -211,7 +212,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
     \b
     Examples:
       pipeline train --data runs/a.zarr --online-mix 0.5 --out runs/td3
-      pipeline train --data runs/a.zarr --online-mix 0 --bc-alpha 2.5     # pure offline, TD3+BC
+      pipeline train --data runs/a.zarr --online-mix 0                   # pure offline, TD3+BC
       pipeline train --route racetrack --vector-fields speed --traffic 3  # pure online, image needed
       pipeline train --out runs/td3 --resume                              # continue after Ctrl-C
     """

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,9 @@ def test_offline_plus_online_run_writes_checkpoints_csv_and_tensorboard(tmp_path
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = _rows(run)
     assert [int(r["update"]) for r in rows] == [2, 4, 6]
+    # from a dataset, TD3+BC is on by default: the run records it and logs the BC loss
+    assert json.loads((run / "config.json").read_text())["bc_alpha"] == 2.5
+    assert rows[-1]["loss/bc_loss"] != ""
     assert float(rows[-1]["rollout/env_steps"]) == 6  # two rollout chunks of --online-every steps
     for key in ("loss/critic_loss", "train/encoder_grad_norm", "perf/updates_per_s", "perf/replay_wait_s"):
         assert rows[-1][key] != ""
@@ -165,9 +169,9 @@ def test_a_folder_without_checkpoint_is_reused_and_changed_learner_options_are_r
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "last.pt", "metrics.csv", "tensorboard"]
 
     before = (run / "last.pt").read_bytes()
-    line = assert_one_line_error(run_cli("train", "--steps", 4, "--resume", "--bc-alpha", 2.5, "--gamma", 0.9,
+    line = assert_one_line_error(run_cli("train", "--steps", 4, "--resume", "--bc-alpha", 1.0, "--gamma", 0.9,
                                          "--encoder-update", "frozen", "--encoder-lr", 1e-4, *common),
-                                 "--bc-alpha 2.5", "--gamma 0.9")
+                                 "--bc-alpha 1.0 (the run has 2.5)", "--gamma 0.9")
     assert "--encoder-update frozen (the run has critic)" in line and "--encoder-lr 0.0001 (the run has 0.0003)" in line
     assert (run / "last.pt").read_bytes() == before
     # options not given take the run's: its --data and --online-mix 0 (the default 0.5 would roll out)
@@ -196,7 +200,7 @@ def test_metrics_log_drops_rows_past_the_resumed_checkpoint(tmp_path):
 
 
 def test_defaults_by_device_and_help_says_them():
-    from pipeline.train.loop import DEVICE_DEFAULTS, TrainConfig, device_defaults
+    from pipeline.train.loop import DATA_BC_ALPHA, DEVICE_DEFAULTS, TrainConfig, device_defaults
 
     cpu, cuda = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
     assert cpu["batch_size"] == 64 and cuda == {"steps": 100_000, "batch_size": 256}
@@ -204,9 +208,15 @@ def test_defaults_by_device_and_help_says_them():
     assert device_defaults(TrainConfig(out="x"), "cuda").batch_size == 256
     given = device_defaults(TrainConfig(out="x", steps=7, batch_size=5), "cuda")
     assert (given.steps, given.batch_size) == (7, 5)  # what the user set wins
+    # TD3+BC by default exactly when batches hold dataset rows; a given alpha (0 too) wins
+    assert device_defaults(TrainConfig(out="x", data="d.zarr"), "cpu").bc_alpha == DATA_BC_ALPHA > 0
+    assert device_defaults(TrainConfig(out="x", data="d.zarr", online_mix=1.0), "cpu").bc_alpha == 0.0
+    assert device_defaults(TrainConfig(out="x"), "cuda").bc_alpha == 0.0
+    assert device_defaults(TrainConfig(out="x", data="d.zarr", bc_alpha=0.0), "cpu").bc_alpha == 0.0
     help_text = " ".join(run_cli("train", "--help").stdout.split())
     assert f"{cpu['steps']} on CPU, {cuda['steps']} on CUDA" in help_text
     assert f"{cpu['batch_size']} on CPU, {cuda['batch_size']} on CUDA" in help_text
+    assert f"default: {DATA_BC_ALPHA:g} with --data, else 0" in help_text
 
 
 def test_progress_bar_moves_on_every_update_with_an_eta_from_the_start():

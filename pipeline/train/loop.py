@@ -23,6 +23,7 @@ killed before its first) is reused by a new run; stale checkpoint temp files are
 
 Defaults by device (:data:`DEVICE_DEFAULTS`): ``steps`` and ``batch_size`` left ``None`` take the
 device's values, sized so the README's quick start finishes in minutes on a 2-core CPU.
+``bc_alpha`` left ``None`` is :data:`DATA_BC_ALPHA` (TD3+BC) when batches hold dataset rows, else 0.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class TrainConfig:
     encoder_update: str = "critic"
     encoder_lr: float = 3e-4  # Adam learning rate of the CNN (actor and critic keep TD3Config's)
     encoder_head: str = "relu"  # the CNN's last layer: relu, or layernorm (LayerNorm + tanh)
-    bc_alpha: float = 0.0
+    bc_alpha: float | None = None  # TD3+BC alpha; None: DATA_BC_ALPHA with --data, else 0
     augment: bool = True
     device: str = "auto"
     compile: bool = False
@@ -107,7 +108,7 @@ def validate_train_config(config: TrainConfig) -> None:
     at_least_zero = {"--online-every": config.online_every, "--warmup-steps": config.warmup_steps,
                      "--online-capacity": config.online_capacity, "--eval-every": config.eval_every,
                      "--eval-episodes": config.eval_episodes, "--exploration-noise": config.exploration_noise,
-                     "--bc-alpha": config.bc_alpha}
+                     "--bc-alpha": 0.0 if config.bc_alpha is None else config.bc_alpha}
     for name, value in positive.items():  # None: the device's default, filled in later
         if value is not None and value < 1:
             raise PipelineError(f"{name} must be at least 1, got {value}")
@@ -180,9 +181,19 @@ _RUN_LEFTOVERS = ("online.zarr", "metrics.csv", "metrics.csv.tmp", "tensorboard"
 _CHECKPOINT_TEMP = ".*.pt.tmp*"
 
 
+# TD3+BC weight when the batches hold dataset rows and --bc-alpha is not given. Chosen on CPU
+# (benchmarks/results/quickstart-cpu.md, 2026-12-03): over 5 training seeds of the quick start,
+# 3,000 updates reached >= 90% route completion on held-out seeds (100-109) in 5 of 5 with 2.5,
+# in 2 of 5 without (4 of 5 at 6,000). The BC term acts on dataset rows only.
+DATA_BC_ALPHA = 2.5
+
+
 def device_defaults(config: TrainConfig, device_type: str) -> TrainConfig:
-    """``config`` with its ``None`` steps/batch size set to ``DEVICE_DEFAULTS[device_type]``."""
-    defaults = DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+    """``config`` with its ``None`` options filled in: steps/batch size from
+    ``DEVICE_DEFAULTS[device_type]``; ``bc_alpha`` :data:`DATA_BC_ALPHA` when batches hold dataset
+    rows (``data`` given, ``online_mix < 1``), else 0."""
+    defaults = dict(DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"])
+    defaults["bc_alpha"] = DATA_BC_ALPHA if config.data is not None and config.online_mix < 1 else 0.0
     return replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
@@ -233,10 +244,10 @@ def _clear_leftovers(out: Path, resume: bool) -> None:
 
 def _check_resume_options(saved: dict, config: TrainConfig, last: Path) -> TrainConfig:
     """``config`` for resuming the run whose saved config is ``saved``: learner options not in
-    ``config.given`` and ``None`` steps/batch size take the run's values; a given learner option
+    ``config.given`` and ``None`` steps/batch size/bc_alpha take the run's values; a given learner option
     that differs is a :class:`PipelineError` naming each."""
     unset = [k for k in LEARNER_OPTIONS if config.given is not None and k not in config.given]
-    unset += [k for k in ("steps", "batch_size") if getattr(config, k) is None]
+    unset += [k for k in ("steps", "batch_size", "bc_alpha") if getattr(config, k) is None]
     filled = replace(config, **{k: saved[k] for k in unset if k in saved and saved[k] is not None})
     now = json.loads(json.dumps(asdict(filled), default=str))  # compared as saved: JSON values
 
