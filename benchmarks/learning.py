@@ -698,8 +698,10 @@ PRESETS = {
         "parts": [  # longest runs first, so the two slots finish together
             dict(name="b", setting="full", start="online", variants=["sb3", "critic", "sb3-mlp"],
                  budget=4_000, warmup=500, eval_every=500),
+            # 3,000 updates, as `pipeline train` on a CPU: pure BC from these laps needed about that
+            # many for the trained CNN (bc-probe-cpu.md); 1,500 (until 2026-12-04) gave 39% vs 38.5%.
             dict(name="a", setting="image", start="offline", variants=["critic", "actor+critic", "frozen"],
-                 budget=1_500, eval_every=500, bc_alpha=2.5),
+                 budget=3_000, eval_every=500, bc_alpha=2.5),
             dict(name="c", setting="image", start="online", variants=["critic", "frozen"],
                  budget=2_500, warmup=500, eval_every=500),
         ],
