@@ -414,7 +414,7 @@ def expert_dataset(path: Path, args, setting: str) -> dict:
 def hardware(device: str, threads: int | None) -> dict:
     import torch
 
-    from pipeline.train.td3 import resolve_device
+    from pipeline.train.td3 import native_bf16, resolve_device
 
     dev = resolve_device(device)
     cpu = platform.processor() or platform.machine()
@@ -430,14 +430,20 @@ def hardware(device: str, threads: int | None) -> dict:
     return {"device": dev.type, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads_per_run": threads or torch.get_num_threads(),
             "torch": torch.__version__, "stable_baselines3": sb3, "python": platform.python_version(),
-            "host": platform.node()}
+            "host": platform.node(), "bf16_cnn": native_bf16(dev)}
 
 
 def learner_throughput(args, on_cuda: bool) -> list[dict]:
     """``benchmarks/learner_throughput.py`` (ours vs SB3, same batch and device) per compile/bf16 setting."""
-    combos = [(False, True), (False, False)] if on_cuda else [(False, None)]  # bf16 autocast is CUDA-only
+    import torch
+
+    from pipeline.train.td3 import native_bf16
+
+    # bf16 autocast of the CNN only where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs)
+    bf16 = on_cuda or native_bf16(torch.device("cpu"))
+    combos = [(False, True), (False, False)] if bf16 else [(False, None)]
     if args.throughput_compile:
-        combos += [(True, True), (True, False)] if on_cuda else [(True, None)]
+        combos += [(True, True), (True, False)] if bf16 else [(True, None)]
     rows = []
     for compile_, amp in combos:
         cmd = [sys.executable, str(REPO / "benchmarks" / "learner_throughput.py"), "--device", args.device,
@@ -616,7 +622,8 @@ def markdown(report: dict) -> str:
     lines += [
         f"Hardware: {hw['gpu'] or 'no GPU'}; CPU {hw['cpu']} ({hw['cpu_count']} cores, "
         f"{hw['torch_threads_per_run']} torch thread(s) per run, {cfg['jobs']} run(s) side by side); "
-        f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}.",
+        f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}; our CNN in "
+        f"{'bf16' if hw.get('bf16_cnn') else 'fp32'}.",
         f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
@@ -679,7 +686,7 @@ def markdown(report: dict) -> str:
                   "| compile | bf16 | batch | ours updates/s | SB3 updates/s | ours / SB3 |",
                   "|---|---|---|---|---|---|"]
         for r in report["learner_throughput"]:
-            lines.append(f"| {r['compile']} | {'n/a (CPU)' if r['bf16'] is None else r['bf16']} | {r['batch_size']} | "
+            lines.append(f"| {r['compile']} | {'n/a (not native here)' if r['bf16'] is None else r['bf16']} | {r['batch_size']} | "
                          f"{r['ours_updates_per_s']:.2f} | {r['sb3_updates_per_s']:.2f} | {r['ratio']:.2f} |")
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
@@ -881,7 +888,7 @@ def main(argv=None) -> dict:
         "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
             "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
-                    "one shared encoder; channels_last; bf16 CNN on CUDA)",
+                    "one shared encoder; channels_last; bf16 CNN where native: CUDA, AVX512-BF16/AMX CPUs)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
                    f"gradient_steps and N(0, {EXPLORATION_NOISE}) action noise; offline start: buffer pre-filled "
