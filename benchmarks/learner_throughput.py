@@ -149,8 +149,9 @@ def compare(store, args, batch_size: int) -> str:
     speed drifts from second to second slows both alike; the ratio is of the summed times."""
     from pipeline.train.td3 import native_bf16, resolve_device
 
-    ours, sb3 = OurLearner(store, args, batch_size), SB3Learner(store, args, batch_size)
+    ours = OurLearner(store, args, batch_size)
     try:
+        sb3 = SB3Learner(store, args, batch_size)
         our_time = our_wait = sb3_time = 0.0
         for round_ in range(args.rounds):
             profiler = _profiler(args) if round_ == 0 else None

@@ -105,6 +105,7 @@ class Job:
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
+    bf16: bool  # ours: the CNN in bf16 where the device has it natively (pipeline train --no-bf16: False)
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -186,7 +187,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
         eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
-        encoder_head=job.encoder_head,
+        encoder_head=job.encoder_head, bf16=job.bf16,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -623,7 +624,7 @@ def markdown(report: dict) -> str:
         f"Hardware: {hw['gpu'] or 'no GPU'}; CPU {hw['cpu']} ({hw['cpu_count']} cores, "
         f"{hw['torch_threads_per_run']} torch thread(s) per run, {cfg['jobs']} run(s) side by side); "
         f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}; our CNN in "
-        f"{'bf16' if hw.get('bf16_cnn') else 'fp32'}.",
+        f"{'bf16' if hw.get('bf16_cnn') and not cfg.get('no_bf16') else 'fp32'}.",
         f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
@@ -754,6 +755,8 @@ def parse_args(argv=None):
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="ours: keep the CNN in fp32 (default: bf16 where native, as pipeline train)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps; the budget after warm-up must be whole periods (default: about a 20th of it, "
                         "a multiple of --train-freq that divides it)")
@@ -779,7 +782,7 @@ def parse_args(argv=None):
         for action in p._actions:
             action.default = argparse.SUPPRESS
         p.parse_args(argv, namespace=given)
-        clashes = sorted(set(vars(given)) - {"preset", "seeds", "jobs", "threads", "work_dir", "out", "note"})
+        clashes = sorted(set(vars(given)) - {"preset", "seeds", "jobs", "threads", "work_dir", "out", "note", "no_bf16"})
         if clashes:
             p.error(f"--preset {args.preset} sets {', '.join('--' + c.replace('_', '-') for c in clashes)}; "
                     f"leave them out, or drop --preset and give the whole grid")
@@ -835,7 +838,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
-                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head,
+                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=not args.no_bf16,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

@@ -189,6 +189,8 @@ def _say_lost_servers(events: list[str]) -> None:
 @click.option("--online-capacity", type=int, default=100_000, show_default=True, help="Online ring transitions.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the networks.")
+@click.option("--no-bf16", is_flag=True,
+              help="Keep the CNN in fp32 [default: bf16 on CUDA and on CPUs with AVX512-BF16/AMX].")
 @click.option("--checkpoint-every", type=int, default=10_000, show_default=True)
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every M updates; 0 = never.")
 @click.option("--eval-episodes", type=int, default=2, show_default=True)
@@ -205,7 +207,7 @@ def _say_lost_servers(events: list[str]) -> None:
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise,
           warmup_steps, encoder_update, encoder_lr, encoder_head, bc_alpha, n_step, gamma, no_augment, replay_memory,
-          online_capacity, device, compile_, checkpoint_every, eval_every, eval_episodes, log_every, vector_fields,
+          online_capacity, device, compile_, no_bf16, checkpoint_every, eval_every, eval_episodes, log_every, vector_fields,
           traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
@@ -230,7 +232,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         exploration_noise=exploration_noise, warmup_steps=warmup_steps, online_capacity=online_capacity,
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update,
         encoder_lr=encoder_lr, encoder_head=encoder_head, bc_alpha=bc_alpha, augment=not no_augment, device=device,
-        compile=compile_, seed=seed, checkpoint_every=checkpoint_every,
+        compile=compile_, bf16=not no_bf16, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
         traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
         verify=not no_verify,

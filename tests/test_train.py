@@ -62,6 +62,17 @@ def test_pure_offline_does_no_rollouts_and_encoder_lr_reaches_the_cnn_only(tmp_p
     assert lrs == {"encoder_opt": [1e-5], "actor_opt": [3e-4], "critic_opt": [3e-4]}
 
 
+def test_no_bf16_keeps_the_cnn_in_fp32_and_the_checkpoint_says_so(tmp_path, expert_store):
+    amp = {}
+    for flags in ((), ("--no-bf16",)):
+        run = tmp_path / ("fp32" if flags else "default")
+        result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 2, *flags, "--out", run, *TINY)
+        assert result.returncode == 0, result.stderr
+        amp[flags] = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"]
+    # amp is the wish; TD3Agent turns it into bf16 only where the device has native bf16
+    assert amp == {(): True, ("--no-bf16",): False}
+
+
 def test_resume_continues_the_same_run(tmp_path, expert_store):
     run = tmp_path / "resumed"
     common = ("--data", expert_store, "--online-every", 2, "--out", run, *TINY)

@@ -75,6 +75,7 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"
     compile: bool = False
+    bf16: bool = True  # the CNN in bf16 where the device runs it natively (TD3Config.amp)
     seed: int = 0
     checkpoint_every: int = 10_000
     eval_every: int = 0  # 0 disables periodic evaluation
@@ -628,7 +629,7 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
     mean, std = _vector_stats(store, env, warmup_vectors)
     td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr,
                     encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
-                    device=config.device, compile=config.compile, seed=config.seed)
+                    device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 
 
