@@ -224,7 +224,8 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         raise PipelineError("--resume needs the --out of the run to continue")
     _note_ignored_scenarios([route])
     ctx = click.get_current_context()
-    given = tuple("augment" if name == "no_augment" else name for name in ctx.params
+    negated = {"no_augment": "augment", "no_bf16": "bf16"}  # flag -> the TrainConfig field it sets
+    given = tuple(negated.get(name, name) for name in ctx.params
                   if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
     config = TrainConfig(
         out=out or _default_run_name(), data=data, data_cache=data_cache, route=route, steps=steps, batch_size=batch_size,

@@ -71,6 +71,13 @@ def test_no_bf16_keeps_the_cnn_in_fp32_and_the_checkpoint_says_so(tmp_path, expe
         amp[flags] = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"]
     # amp is the wish; TD3Agent turns it into bf16 only where the device has native bf16
     assert amp == {(): True, ("--no-bf16",): False}
+    # a resumed run keeps its precision without the flag, and refuses a change of it
+    fp32 = tmp_path / "fp32"
+    result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 4, "--resume", "--out", fp32, *TINY)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(fp32 / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"] is False
+    assert_one_line_error(run_cli("train", "--steps", 6, "--resume", "--no-bf16", "--out", tmp_path / "default",
+                                  *TINY), "--no-bf16")
 
 
 def test_resume_continues_the_same_run(tmp_path, expert_store):

@@ -174,6 +174,7 @@ LEARNER_OPTIONS = {
     "gamma": "--gamma", "encoder_update": "--encoder-update",
     "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
+    "bf16": "--no-bf16",  # a resumed run keeps its CNN's precision
 }
 
 # What a run writes into its folder besides checkpoints: a folder holding only these (a run killed
