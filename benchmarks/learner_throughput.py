@@ -5,7 +5,7 @@ Both learn from the same transitions at the same batch size (default 256) on the
 - SB3: ``TD3("MultiInputPolicy")`` with its in-RAM ``DictReplayBuffer``, ``model.train(gradient_steps)``.
 
     python benchmarks/learner_throughput.py [--device auto] [--updates 30] [--rounds 3]
-                                            [--batch-size 64 256] [--compile] [--no-amp] [--profile]
+                                            [--batch-size 64 256] [--compile] [--bf16] [--profile]
 
 Each batch size sets up both learners once, then times ``--rounds`` stretches of ``--updates``
 updates, ours and SB3's alternating, and compares the summed times.
@@ -15,7 +15,9 @@ batch=<B> updates_per_s=<n> sb3_ratio=<ours / SB3 updates per s> replay_wait=<fr
 waiting for data> gflop_s=<achieved: FLOPs of one update (torch's FlopCounterMode) x updates/s>
 sb3_gflop_s=<the same for SB3> flop_ratio=<SB3's FLOPs per update / ours>
 efficiency_ratio=<gflop_s / sb3_gflop_s> bf16_cnn=<whether our CNN ran in bf16>;
-sb3_ratio = flop_ratio x efficiency_ratio.
+sb3_ratio = flop_ratio x efficiency_ratio. Our CNN runs as ``pipeline train`` runs it: bf16 on CUDA,
+fp32 on CPU; ``--bf16`` measures the CPU opt-in (bf16 where the CPU has AVX512-BF16/AMX),
+``--no-bf16`` fp32 on CUDA.
 
 ``--profile`` also prints torch.profiler's table of one timed stretch of our updates (self CPU/CUDA
 time per op), so a change can be aimed at where the time goes.
@@ -61,7 +63,7 @@ class OurLearner:
         from pipeline.train.td3 import TD3Agent, TD3Config
 
         self.agent = TD3Agent(store.obs_spec, config=TD3Config(device=args.device, compile=args.compile,
-                                                               amp=not args.no_amp))
+                                                               amp=args.bf16))
         self.replay = DictReplayBuffer(offline=store, obs_spec=store.obs_spec, online_mix=0.0, device=args.device,
                                        prefetch=True, memory_budget=2**33)
         self.batch_size = batch_size
@@ -147,8 +149,6 @@ def _sync():
 def compare(store, args, batch_size: int) -> str:
     """Alternate timed stretches of ours and SB3's (``--rounds`` of each), so that a machine whose
     speed drifts from second to second slows both alike; the ratio is of the summed times."""
-    from pipeline.train.td3 import native_bf16, resolve_device
-
     ours = OurLearner(store, args, batch_size)
     try:
         sb3 = SB3Learner(store, args, batch_size)
@@ -167,7 +167,7 @@ def compare(store, args, batch_size: int) -> str:
         ours.close()
     n = args.updates * args.rounds
     our_rate, sb3_rate = n / our_time, n / sb3_time
-    bf16 = not args.no_amp and native_bf16(resolve_device(args.device))
+    bf16 = ours.agent.bf16_cnn
     print(f"ours: {our_rate:.2f} updates/s at batch {batch_size} on {_device_name(args)} (compile={args.compile}, "
           f"bf16 CNN={bf16}), replay wait {our_wait / our_time:.1%}, {ours.flops / 1e9:.2f} GFLOP per update")
     print(f"SB3 TD3 MultiInputPolicy: {sb3_rate:.2f} updates/s at batch {batch_size}, {sb3.flops / 1e9:.2f} GFLOP per update")
@@ -195,7 +195,8 @@ def main():
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--no-amp", action="store_true", help="keep the CNN in fp32 (else bf16 where native)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="our CNN in bf16 (default: on CUDA only, as pipeline train; --bf16 on CPU: where native)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's op table for ours")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

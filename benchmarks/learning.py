@@ -105,7 +105,7 @@ class Job:
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
-    bf16: bool  # ours: the CNN in bf16 where the device has it natively (pipeline train --no-bf16: False)
+    bf16: bool | None  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16); None: on CUDA only
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -431,7 +431,7 @@ def hardware(device: str, threads: int | None) -> dict:
     return {"device": dev.type, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads_per_run": threads or torch.get_num_threads(),
             "torch": torch.__version__, "stable_baselines3": sb3, "python": platform.python_version(),
-            "host": platform.node(), "bf16_cnn": native_bf16(dev)}
+            "host": platform.node(), "native_bf16": native_bf16(dev)}
 
 
 def learner_throughput(args, on_cuda: bool) -> list[dict]:
@@ -440,7 +440,7 @@ def learner_throughput(args, on_cuda: bool) -> list[dict]:
 
     from pipeline.train.td3 import native_bf16
 
-    # bf16 autocast of the CNN only where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs)
+    # bf16 autocast of the CNN: measured where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs)
     bf16 = on_cuda or native_bf16(torch.device("cpu"))
     combos = [(False, True), (False, False)] if bf16 else [(False, None)]
     if args.throughput_compile:
@@ -449,7 +449,7 @@ def learner_throughput(args, on_cuda: bool) -> list[dict]:
     for compile_, amp in combos:
         cmd = [sys.executable, str(REPO / "benchmarks" / "learner_throughput.py"), "--device", args.device,
                "--batch-size", str(args.throughput_batch_size), "--updates", str(args.throughput_updates)]
-        cmd += ["--compile"] * compile_ + ["--no-amp"] * (amp is False)
+        cmd += ["--compile"] * compile_ + {True: ["--bf16"], False: ["--no-bf16"], None: []}[amp]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -615,6 +615,13 @@ def _num(x, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def cnn_precision(hw: dict, asked: bool | None) -> str:
+    """Our CNN's precision in a report: ``asked`` (--bf16/--no-bf16) on hardware ``hw``, resolved
+    as ``TD3Agent`` does (None: bf16 on CUDA only; bf16 needs native support)."""
+    wanted = asked if asked is not None else hw["device"] == "cuda"
+    return "bf16" if wanted and hw["native_bf16"] else "fp32"
+
+
 def markdown(report: dict) -> str:
     hw, cfg = report["hardware"], report["config"]
     lines = [f"## Learning: end-to-end vs frozen CNN vs SB3 TD3 ({cfg['route']})", ""]
@@ -624,7 +631,7 @@ def markdown(report: dict) -> str:
         f"Hardware: {hw['gpu'] or 'no GPU'}; CPU {hw['cpu']} ({hw['cpu_count']} cores, "
         f"{hw['torch_threads_per_run']} torch thread(s) per run, {cfg['jobs']} run(s) side by side); "
         f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}; our CNN in "
-        f"{'bf16' if hw.get('bf16_cnn') and not cfg.get('no_bf16') else 'fp32'}.",
+        f"{cnn_precision(hw, cfg.get('bf16'))}.",
         f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
@@ -755,8 +762,8 @@ def parse_args(argv=None):
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
-    p.add_argument("--no-bf16", action="store_true",
-                   help="ours: keep the CNN in fp32 (default: bf16 where native, as pipeline train)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours: the CNN in bf16 (default as pipeline train: on CUDA; --bf16 on CPU: where native)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps; the budget after warm-up must be whole periods (default: about a 20th of it, "
                         "a multiple of --train-freq that divides it)")
@@ -782,7 +789,7 @@ def parse_args(argv=None):
         for action in p._actions:
             action.default = argparse.SUPPRESS
         p.parse_args(argv, namespace=given)
-        clashes = sorted(set(vars(given)) - {"preset", "seeds", "jobs", "threads", "work_dir", "out", "note", "no_bf16"})
+        clashes = sorted(set(vars(given)) - {"preset", "seeds", "jobs", "threads", "work_dir", "out", "note", "bf16"})
         if clashes:
             p.error(f"--preset {args.preset} sets {', '.join('--' + c.replace('_', '-') for c in clashes)}; "
                     f"leave them out, or drop --preset and give the whole grid")
@@ -838,7 +845,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
-                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=not args.no_bf16,
+                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=args.bf16,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]
@@ -891,7 +898,7 @@ def main(argv=None) -> dict:
         "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
             "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
-                    "one shared encoder; channels_last; bf16 CNN where native: CUDA, AVX512-BF16/AMX CPUs)",
+                    "one shared encoder; channels_last; bf16 CNN on CUDA, on CPU with --bf16 where native)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
                    f"gradient_steps and N(0, {EXPLORATION_NOISE}) action noise; offline start: buffer pre-filled "

@@ -148,8 +148,12 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
     assert set(parts["c"]["variants"]) == {"critic", "frozen"}
     assert (args.seeds, args.batch_size, args.jobs, args.threads) == ([0, 1, 2], 64, 2, 1)
     assert (args.dataset_episodes, args.online_mix, args.traffic) == (60, 0.5, 3)
-    # precision is the machine's, like --threads: allowed beside the preset, and fp32 only when asked
-    assert not args.no_bf16 and learning.parse_args(["--preset", "cpu", "--no-bf16"]).no_bf16
+    # precision is the machine's, like --threads: allowed beside the preset; unset it is pipeline train's
+    assert args.bf16 is None and learning.parse_args(["--preset", "cpu", "--bf16"]).bf16 is True
+    hw = {"device": "cpu", "native_bf16": True}
+    assert [learning.cnn_precision(hw, asked) for asked in (None, True, False)] == ["fp32", "bf16", "fp32"]
+    assert learning.cnn_precision({"device": "cpu", "native_bf16": False}, True) == "fp32"
+    assert learning.cnn_precision({"device": "cuda", "native_bf16": True}, None) == "bf16"
     assert args.out.endswith("learning-cpu")
     with pytest.raises(SystemExit):  # a preset's own option given beside it is refused, not ignored
         learning.parse_args(["--preset", "cpu", "--budget", "100"])

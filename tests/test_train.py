@@ -62,22 +62,22 @@ def test_pure_offline_does_no_rollouts_and_encoder_lr_reaches_the_cnn_only(tmp_p
     assert lrs == {"encoder_opt": [1e-5], "actor_opt": [3e-4], "critic_opt": [3e-4]}
 
 
-def test_no_bf16_keeps_the_cnn_in_fp32_and_the_checkpoint_says_so(tmp_path, expert_store):
+def test_the_cpu_default_is_an_fp32_cnn_bf16_is_asked_for_and_the_checkpoint_says_so(tmp_path, expert_store):
     amp = {}
-    for flags in ((), ("--no-bf16",)):
-        run = tmp_path / ("fp32" if flags else "default")
+    for flags in ((), ("--bf16",), ("--no-bf16",)):
+        run = tmp_path / (flags[0].strip("-") if flags else "default")
         result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 2, *flags, "--out", run, *TINY)
         assert result.returncode == 0, result.stderr
         amp[flags] = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"]
     # amp is the wish; TD3Agent turns it into bf16 only where the device has native bf16
-    assert amp == {(): True, ("--no-bf16",): False}
+    assert amp == {(): False, ("--bf16",): True, ("--no-bf16",): False}
     # a resumed run keeps its precision without the flag, and refuses a change of it
-    fp32 = tmp_path / "fp32"
-    result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 4, "--resume", "--out", fp32, *TINY)
+    bf16 = tmp_path / "bf16"
+    result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--steps", 4, "--resume", "--out", bf16, *TINY)
     assert result.returncode == 0, result.stderr
-    assert torch.load(fp32 / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"] is False
-    assert_one_line_error(run_cli("train", "--steps", 6, "--resume", "--no-bf16", "--out", tmp_path / "default",
-                                  *TINY), "--no-bf16")
+    assert torch.load(bf16 / "last.pt", map_location="cpu", weights_only=True)["config"]["amp"] is True
+    assert_one_line_error(run_cli("train", "--steps", 6, "--resume", "--bf16", "--out", tmp_path / "default",
+                                  *TINY), "--bf16/--no-bf16")
 
 
 def test_resume_continues_the_same_run(tmp_path, expert_store):

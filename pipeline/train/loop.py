@@ -75,7 +75,7 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"
     compile: bool = False
-    bf16: bool = True  # the CNN in bf16 where the device runs it natively (TD3Config.amp)
+    bf16: bool | None = None  # the CNN in bf16 (TD3Config.amp); None: on CUDA only (DEVICE_DEFAULTS)
     seed: int = 0
     checkpoint_every: int = 10_000
     eval_every: int = 0  # 0 disables periodic evaluation
@@ -164,7 +164,11 @@ def check_train_data(config: TrainConfig, store) -> None:
 # Per device type: (gradient updates, batch size) for options left None. CUDA keeps the issue-#9
 # protocol. On CPU an update at batch 256 took 0.3-1.7 s on the 2-core machine (100k updates: 8-46
 # hours); batch 64 and a few thousand updates fit the quick start into minutes (README, Train).
-DEVICE_DEFAULTS = {"cuda": {"steps": 100_000, "batch_size": 256}, "cpu": {"steps": 3_000, "batch_size": 64}}
+# bf16 CNN: on CUDA; on CPU opt-in (--bf16) even with native bf16: on the 2-core AMD EPYC with
+# AVX512-BF16 the quick start reached >= 90% on held-out seeds in 2 of 5 training seeds in bf16,
+# 5 of 5 in fp32, at 3,000 updates (benchmarks/results/quickstart-cpu.md, 2026-12-04).
+DEVICE_DEFAULTS = {"cuda": {"steps": 100_000, "batch_size": 256, "bf16": True},
+                   "cpu": {"steps": 3_000, "batch_size": 64, "bf16": False}}
 
 # Options that define what a run learns: a resumed run must keep them (TrainConfig field -> flag).
 LEARNER_OPTIONS = {
@@ -174,7 +178,7 @@ LEARNER_OPTIONS = {
     "gamma": "--gamma", "encoder_update": "--encoder-update",
     "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
-    "bf16": "--no-bf16",  # a resumed run keeps its CNN's precision
+    "bf16": "--bf16/--no-bf16",  # a resumed run keeps its CNN's precision
 }
 
 # What a run writes into its folder besides checkpoints: a folder holding only these (a run killed
@@ -191,7 +195,7 @@ DATA_BC_ALPHA = 2.5
 
 
 def device_defaults(config: TrainConfig, device_type: str) -> TrainConfig:
-    """``config`` with its ``None`` options filled in: steps/batch size from
+    """``config`` with its ``None`` options filled in: steps/batch size/bf16 from
     ``DEVICE_DEFAULTS[device_type]``; ``bc_alpha`` :data:`DATA_BC_ALPHA` when batches hold dataset
     rows (``data`` given, ``online_mix < 1``), else 0."""
     defaults = dict(DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"])
@@ -246,10 +250,10 @@ def _clear_leftovers(out: Path, resume: bool) -> None:
 
 def _check_resume_options(saved: dict, config: TrainConfig, last: Path) -> TrainConfig:
     """``config`` for resuming the run whose saved config is ``saved``: learner options not in
-    ``config.given`` and ``None`` steps/batch size/bc_alpha take the run's values; a given learner option
+    ``config.given`` and ``None`` steps/batch size/bc_alpha/bf16 take the run's values; a given learner option
     that differs is a :class:`PipelineError` naming each."""
     unset = [k for k in LEARNER_OPTIONS if config.given is not None and k not in config.given]
-    unset += [k for k in ("steps", "batch_size", "bc_alpha") if getattr(config, k) is None]
+    unset += [k for k in ("steps", "batch_size", "bc_alpha", "bf16") if getattr(config, k) is None]
     filled = replace(config, **{k: saved[k] for k in unset if k in saved and saved[k] is not None})
     now = json.loads(json.dumps(asdict(filled), default=str))  # compared as saved: JSON values
 

@@ -27,9 +27,11 @@ Encoder modes (``TD3Config.encoder_update``):
 - ``"frozen"``: the encoder never receives gradients and never changes; features are computed under
   ``no_grad``. This is the seed's broken baseline, kept for the ablation.
 
-Precision: with ``amp`` only the encoder runs under bf16 autocast, on CUDA and on a CPU with native
-bf16 instructions (AVX512-BF16 or AMX; see :func:`native_bf16`); its output, the actor and critic
-heads and the TD target are fp32 (near Q = 20 bf16 resolves 0.125, about one step's reward).
+Precision: with ``amp`` only the encoder runs under bf16 autocast; its output, the actor and critic
+heads and the TD target are fp32 (near Q = 20 bf16 resolves 0.125, about one step's reward). By
+default (``amp=None``) that is on CUDA only; ``amp=True`` also takes a CPU with native bf16
+instructions (AVX512-BF16 or AMX; see :func:`native_bf16`), 1.3-1.9x faster updates there but fewer
+training seeds that learn the quick start (benchmarks/results/quickstart-cpu.md, 2026-12-04).
 
 Batch contract (what ``DictReplayBuffer.sample(B)`` returns, a mapping or an object with these
 attributes; tensors on any device):
@@ -89,7 +91,9 @@ class TD3Config:
     hidden: int = 256
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
-    amp: bool = True  # bf16 autocast of the encoder only, where the device has native bf16 (native_bf16)
+    # bf16 autocast of the encoder only. None: on CUDA; True: also on a CPU with native bf16
+    # (native_bf16); False: never. A CPU without native bf16 keeps fp32 whatever is asked.
+    amp: bool | None = None
     channels_last: bool = True  # NHWC images and conv weights: faster oneDNN / cuDNN convolutions
     compile: bool = False  # torch.compile the modules
 
@@ -116,8 +120,9 @@ def native_bf16(device: torch.device) -> bool:
     Measured on a 2-core AMD EPYC with AVX512-BF16: the Nature CNN's forward + backward at batch
     64 / 256 took 16 / 55 ms in bf16 against 26 / 93 ms in fp32 (benchmarks/results/
     learner_throughput_cpu.txt). A CPU without those instructions emulates bf16, slower than fp32,
-    so there the CNN stays fp32. ``torch.cpu._is_*_supported`` are torch's own CPU feature probes;
-    a torch without them counts as no native bf16.
+    so there the CNN stays fp32. Speed only: on a CPU bf16 is opt-in (``TD3Config.amp=True``), as
+    it learned the quick start in fewer training seeds. ``torch.cpu._is_*_supported`` are torch's
+    own CPU feature probes; a torch without them counts as no native bf16.
     """
     if device.type == "cuda":
         return True
@@ -179,7 +184,8 @@ class TD3Agent:
     Attributes: ``encoder``, ``actor``, ``critic`` and their Polyak targets ``encoder_target``
     (``None`` with ``target_encoder=False``: the TD target then reads ``s'`` through ``encoder``),
     ``actor_target``, ``critic_target``; one Adam optimiser each for actor, critic and encoder;
-    ``num_updates`` (calls to :meth:`update`).
+    ``num_updates`` (calls to :meth:`update`); ``bf16_cnn`` (bool: whether the CNN runs under bf16
+    autocast, ``TD3Config.amp`` resolved on this device).
     """
 
     def __init__(
@@ -194,7 +200,8 @@ class TD3Agent:
         self.action_spec = action_spec or ActionSpec()
         self.config = cfg = config or TD3Config()
         self.device = resolve_device(cfg.device)
-        self._amp = cfg.amp and native_bf16(self.device)
+        wanted = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        self.bf16_cnn = wanted and native_bf16(self.device)  # whether the CNN runs in bf16
         # CPU too: 1.11x updates/s at batch 64, 1.07x at 256 (benchmarks/results/learner_throughput_cpu.txt)
         self._channels_last = cfg.channels_last
 
@@ -248,7 +255,7 @@ class TD3Agent:
         return self.config.encoder_update != "frozen"
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_cnn)
 
     def _encode(self, encoder, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``encoder(obs)`` with autocast on the CNN only; the result is fp32 for the heads."""
