@@ -21,8 +21,8 @@ values; given ones that differ are refused, all named in one line: a run is one 
 evaluation, device and replay-memory options may change. A run folder without a checkpoint (a run
 killed before its first) is reused by a new run; stale checkpoint temp files are removed on start.
 
-Defaults by device (:data:`DEVICE_DEFAULTS`): ``steps`` and ``batch_size`` left ``None`` take the
-device's values, sized so the README's quick start finishes in minutes on a 2-core CPU.
+Defaults by device (:data:`DEVICE_DEFAULTS`): ``steps``, ``batch_size`` and ``bf16`` left ``None`` take
+the device's values, sized so the README's quick start finishes in minutes on a 2-core CPU.
 ``bc_alpha`` left ``None`` is :data:`DATA_BC_ALPHA` (TD3+BC) when batches hold dataset rows, else 0.
 """
 
