@@ -105,7 +105,7 @@ class Job:
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
-    bf16: bool | None  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16); None: on CUDA only
+    bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -829,14 +829,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from pipeline.train.td3 import resolve_device
+    from pipeline.train.td3 import native_bf16, resolve_device
 
     if any(v.startswith("sb3") for part in args.parts for v in part["variants"]):
         try:
             import stable_baselines3  # noqa: F401
         except ImportError:
             raise SystemExit("the sb3 variant needs stable-baselines3: pip install -e '.[bench]'") from None
-    on_cuda = resolve_device(args.device).type == "cuda"
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    # The precision goes into each job, and so into its cache key, resolved: "the default" has meant
+    # bf16 on this CPU in one version and fp32 in the next, and a cached run must not cross that.
+    bf16 = cnn_precision({"device": device.type, "native_bf16": native_bf16(device)}, args.bf16) == "bf16"
     started = time.perf_counter()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="learning-"))
     try:
@@ -845,7 +849,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
-                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=args.bf16,
+                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=bf16,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

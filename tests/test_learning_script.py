@@ -134,6 +134,26 @@ def test_a_finished_run_is_reused(bench, learning):
     assert learning.run_job(job)["final"]["route_completion"] == 42.0
 
 
+def test_a_cached_run_of_another_precision_is_trained_again(bench, learning, tmp_path, monkeypatch):
+    """The CNN's precision is stored resolved (no "default" whose meaning changes between versions),
+    and a cached run whose precision differs from the job's is not reused."""
+    runs = bench["report"]["runs"]
+    assert {r["job"]["bf16"] for r in runs} == {False}  # CPU, no --bf16: fp32, written as such
+    cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
+    record = json.loads(cached.read_text())
+    record["job"]["bf16"] = None  # how a run cached before precision was resolved reads
+    run_dir = tmp_path / "image-online-critic-seed0"
+    run_dir.mkdir()
+    record["job"]["run_dir"] = str(run_dir)
+    (run_dir / "result.json").write_text(json.dumps(record))
+    trained = []
+    monkeypatch.setattr(learning, "run_ours", lambda job, sched: trained.append(job) or {"final": {}})
+    job = learning.Job(**{**record["job"], "bf16": False})
+    learning.run_job(job)
+    assert trained == [job]
+    assert json.loads((run_dir / "result.json").read_text())["job"]["bf16"] is False
+
+
 def test_the_cpu_preset_is_the_issues_comparison(learning):
     """(a) image/offline e2e vs frozen vs actor+critic from 60 expert laps at online-mix 0.5; (b) full
     vector online: ours vs SB3 MultiInput vs SB3 Mlp within 4k env steps; (c) image online: ours vs
