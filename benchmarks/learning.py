@@ -105,7 +105,6 @@ class Job:
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
-    critic_layernorm: bool  # ours: LayerNorm in the Q heads (RLPD)
     bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
     data: str | None  # expert dataset store (offline start)
     device: str
@@ -188,7 +187,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
         eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
-        encoder_head=job.encoder_head, critic_layernorm=job.critic_layernorm, bf16=job.bf16,
+        encoder_head=job.encoder_head, bf16=job.bf16,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -763,7 +762,6 @@ def parse_args(argv=None):
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
-    p.add_argument("--critic-layernorm", action="store_true", help="ours: LayerNorm in the Q heads (RLPD)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="ours: the CNN in bf16 (default as pipeline train: on CUDA; --bf16 on CPU: where native)")
     p.add_argument("--eval-every", type=int, default=None,
@@ -851,7 +849,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
-                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, critic_layernorm=args.critic_layernorm, bf16=bf16,
+                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=bf16,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

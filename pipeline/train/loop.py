@@ -71,7 +71,6 @@ class TrainConfig:
     encoder_update: str = "critic"
     encoder_lr: float = 3e-4  # Adam learning rate of the CNN (actor and critic keep TD3Config's)
     encoder_head: str = "relu"  # the CNN's last layer: relu, or layernorm (LayerNorm + tanh)
-    critic_layernorm: bool = False  # LayerNorm in the Q heads' hidden layers (RLPD)
     bc_alpha: float | None = None  # TD3+BC alpha; None: DATA_BC_ALPHA with --data, else 0
     augment: bool = True
     device: str = "auto"
@@ -177,8 +176,7 @@ LEARNER_OPTIONS = {
     "online_every": "--online-every", "online_steps": "--online-steps", "exploration_noise": "--exploration-noise",
     "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
     "gamma": "--gamma", "encoder_update": "--encoder-update",
-    "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head",
-    "critic_layernorm": "--critic-layernorm/--no-critic-layernorm", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
+    "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
     "bf16": "--bf16/--no-bf16",  # a resumed run keeps its CNN's precision
 }
@@ -635,8 +633,7 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
         worker.run(max(config.warmup_steps, config.batch_size), random_action)
     mean, std = _vector_stats(store, env, warmup_vectors)
     td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr,
-                    encoder_head=config.encoder_head, critic_layernorm=config.critic_layernorm,
-                    bc_alpha=config.bc_alpha, augment=config.augment,
+                    encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
                     device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 

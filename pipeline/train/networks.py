@@ -110,14 +110,10 @@ class Encoder(nn.Module):
         return torch.cat([pixels.float(), vector], dim=1)
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int, layernorm: bool = False) -> nn.Sequential:
-    """Two hidden ReLU layers; ``layernorm`` puts a LayerNorm after each hidden Linear (RLPD)."""
-    def norm():
-        return [nn.LayerNorm(hidden)] if layernorm else []
-
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), *norm(), nn.ReLU(),
-        nn.Linear(hidden, hidden), *norm(), nn.ReLU(),
+        nn.Linear(in_dim, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
         nn.Linear(hidden, out_dim),
     )
 
@@ -137,15 +133,12 @@ class Actor(nn.Module):
 
 class Critic(nn.Module):
     """Twin Q heads (TD3's clipped double-Q): ``forward(features (B, F), action (B, A))`` returns
-    ``(q1, q2)``, each float ``(B,)``; :meth:`q1` returns only the first (the actor's objective).
+    ``(q1, q2)``, each float ``(B,)``; :meth:`q1` returns only the first (the actor's objective)."""
 
-    ``layernorm``: LayerNorm after each hidden layer of both heads, as RLPD (Ball et al. 2023),
-    which bounds how far Q extrapolates beyond the data it was fitted on."""
-
-    def __init__(self, feature_dim: int, action_dim: int = 2, hidden: int = 256, layernorm: bool = False):
+    def __init__(self, feature_dim: int, action_dim: int = 2, hidden: int = 256):
         super().__init__()
-        self.head1 = _mlp(feature_dim + action_dim, hidden, 1, layernorm)
-        self.head2 = _mlp(feature_dim + action_dim, hidden, 1, layernorm)
+        self.head1 = _mlp(feature_dim + action_dim, hidden, 1)
+        self.head2 = _mlp(feature_dim + action_dim, hidden, 1)
         self.apply(_orthogonal_init)
 
     def forward(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,7 +89,6 @@ class TD3Config:
     # box, 3 seeds, it measured worse in two of the CPU preset's three parts (learning-cpu-ablations.md).
     target_encoder: bool = True
     hidden: int = 256
-    critic_layernorm: bool = False  # LayerNorm in the Q heads' hidden layers (RLPD)
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
     # bf16 autocast of the encoder only. None: on CUDA; True: also on a CPU with native bf16
@@ -211,7 +210,7 @@ class TD3Agent:
             torch.manual_seed(cfg.seed)
             self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std, head=cfg.encoder_head)
             self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
-            self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden, cfg.critic_layernorm)
+            self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
         self.encoder_target = copy.deepcopy(self.encoder) if cfg.target_encoder else None
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
