@@ -10,7 +10,7 @@ One update, read top to bottom in :meth:`TD3Agent.update`:
 1. random-shift the image of ``obs`` and ``next_obs`` (DrQ), move the batch to the device;
 2. critic: ``y = r + discount * (1 - done) * min Q_targ(s', pi_targ(s') + clipped noise)``, where
    the target side reads ``s'`` through the target encoder; MSE of both Q heads to ``y`` trains
-   critic + encoder (in ``critic`` mode with TD3+BC, plus the BC term into the encoder);
+   critic + encoder;
 3. every ``policy_delay`` updates: actor loss ``-Q1(sg(phi), pi(phi))`` (plus TD3+BC's
    behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average all three
    target networks. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
@@ -20,11 +20,8 @@ One update, read top to bottom in :meth:`TD3Agent.update`:
 
 Encoder modes (``TD3Config.encoder_update``):
 - ``"critic"`` (default, DrQ-v2): the critic loss trains the encoder; the actor's Q term reads
-  detached features. With TD3+BC (``bc_alpha > 0``) the BC term joins the critic loss in the
-  critic step's one backward pass, reaching the encoder through the actor applied to the same live
-  features (the actor's weights take no step there), so demonstrations shape the CNN too, while
-  the Q term still cannot. One encoder pass with gradients per update: a second pass for BC in
-  the actor step cost ~20% per update.
+  detached features. With TD3+BC (``bc_alpha > 0``) the BC term is computed on the actor applied
+  to live features, so demonstrations shape the CNN too, while the Q term still cannot.
 - ``"actor+critic"``: the actor loss (Q and BC terms) also backpropagates into the encoder, through
   the policy only (the seed's variant).
 - ``"frozen"``: the encoder never receives gradients and never changes; features are computed under
@@ -342,61 +339,56 @@ class TD3Agent:
         features = self.extract_features(b["obs"], enable_grad=True)  # the seed's fix: CNN in the graph
         q1, q2 = self.critic(features, b["action"])
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        metrics = {}
-        loss = critic_loss
-        if self._bc_in_critic_step:
-            # TD3+BC's term into the CNN, through the policy on these live features; the actor's
-            # weights take their BC step in the actor step (on detached features), not here.
-            encoder_bc_loss = self._bc_loss(self.actor(features), b)
-            loss = critic_loss + encoder_bc_loss
-            metrics["encoder_bc_loss"] = encoder_bc_loss.detach()
 
-        critic_params, encoder_params = list(self.critic.parameters()), list(self.encoder.parameters())
         self.critic_opt.zero_grad(set_to_none=True)
         self.encoder_opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=critic_params + (encoder_params if self._trains_encoder else []))
-        metrics.update(
-            critic_loss=critic_loss.detach(),
-            q1_mean=q1.detach().mean(),
-            q_target_mean=target_q.mean(),
-            critic_grad_norm=_grad_norm(critic_params),
-            encoder_grad_norm=_grad_norm(encoder_params),
-        )
+        critic_loss.backward()
+        metrics = {
+            "critic_loss": critic_loss.detach(),
+            "q1_mean": q1.detach().mean(),
+            "q_target_mean": target_q.mean(),
+            "critic_grad_norm": _grad_norm(list(self.critic.parameters())),
+            "encoder_grad_norm": _grad_norm(list(self.encoder.parameters())),
+        }
         self.critic_opt.step()
         if self._trains_encoder:
             self.encoder_opt.step()
         return features.detach(), metrics
 
     def _actor_step(self, b: dict, features: torch.Tensor | None = None) -> dict:
-        """One actor step. ``features`` (detached, from the critic step) are reused unless the Q term
-        must reach the encoder (``actor+critic`` mode), which needs a fresh graph.
+        """One actor step. ``features`` (detached, from the critic step) are reused unless a term of
+        the actor loss must reach the encoder, which needs a fresh graph.
 
         Paths into the encoder: the Q term only through the policy and only in ``actor+critic``
-        mode, where the BC term follows the same path. In ``critic`` mode the BC term reached the
-        encoder in the critic step already. The critic always reads detached features.
+        mode; the BC term in both trainable modes (in ``critic`` mode through a second actor pass
+        on live features, so the Q term stays out). The critic always reads detached features.
         """
         cfg = self.config
-        to_encoder = self._trains_encoder and cfg.encoder_update == "actor+critic"
+        q_through_encoder = cfg.encoder_update == "actor+critic"
+        to_encoder = self._trains_encoder and (q_through_encoder or cfg.bc_alpha > 0)
         if to_encoder:
             live = self.extract_features(b["obs"], enable_grad=True)
             features = live.detach()
         elif features is None:
             features = self.extract_features(b["obs"], enable_grad=False)
-        pi = self.actor(live if to_encoder else features)
+        pi = self.actor(live if q_through_encoder else features)
         q = self.critic.q1(features, pi)
         metrics = {}
         if cfg.bc_alpha > 0:
             # TD3+BC (Fujimoto & Gu 2021): normalise the Q term by lambda = alpha / mean|Q| and pull
             # the policy toward the behaviour target (the expert's label when the batch has one),
             # on offline rows only.
+            pi_bc = self.actor(live) if to_encoder and not q_through_encoder else pi
             lam = cfg.bc_alpha / q.abs().mean().detach().clamp_min(1e-6)
-            bc_loss = self._bc_loss(pi, b)
+            offline = b["offline"].float()
+            per_row = ((pi_bc - b["bc_action"]) ** 2).mean(dim=1)
+            bc_loss = (per_row * offline).sum() / offline.sum().clamp_min(1.0)
             actor_loss = -lam * q.mean() + bc_loss
             metrics["bc_loss"] = bc_loss.detach()
         else:
             actor_loss = -q.mean()
 
-        # Only actor (and, in actor+critic mode, encoder) weights receive this loss's gradients;
+        # Only actor (and, when a term reaches it, encoder) weights receive this loss's gradients;
         # the critic is a fixed judge here.
         params = list(self.actor.parameters())
         encoder_params = list(self.encoder.parameters()) if to_encoder else []
@@ -411,19 +403,6 @@ class TD3Agent:
         if to_encoder:
             self.encoder_opt.step()
         return metrics
-
-    @property
-    def _bc_in_critic_step(self) -> bool:
-        """Whether the critic step adds TD3+BC's term to the encoder's loss (``critic`` mode)."""
-        return self.config.bc_alpha > 0 and self.config.encoder_update == "critic"
-
-    @staticmethod
-    def _bc_loss(pi: torch.Tensor, b: dict) -> torch.Tensor:
-        """TD3+BC's behaviour-cloning term: mean squared distance of the policy's actions ``pi``
-        (B, A) to ``b["bc_action"]``, averaged over the offline rows only (0 when there are none)."""
-        offline = b["offline"].float()
-        per_row = ((pi - b["bc_action"]) ** 2).mean(dim=1)
-        return (per_row * offline).sum() / offline.sum().clamp_min(1.0)
 
     @torch.no_grad()
     def _soft_update_targets(self) -> None:
@@ -440,14 +419,13 @@ class TD3Agent:
 
     def update_critic(self, batch) -> dict[str, float]:
         """One critic (+ encoder) step: ``critic_loss, q1_mean, q_target_mean, critic_grad_norm,
-        encoder_grad_norm`` (+ ``encoder_bc_loss``, the BC term the encoder was also trained on, with
-        TD3+BC in ``critic`` mode). Does not count towards ``num_updates``."""
+        encoder_grad_norm``. Does not count towards ``num_updates``."""
         return self._floats(self._critic_step(self._prepare(batch))[1])
 
     def update_actor(self, batch) -> dict[str, float]:
         """One actor step: ``actor_loss, actor_grad_norm`` (+ ``bc_loss`` with TD3+BC,
-        + ``encoder_grad_norm`` when the actor loss reaches the encoder: actor+critic mode).
-        Targets are not moved."""
+        + ``encoder_grad_norm`` when the actor loss reaches the encoder: actor+critic mode, or
+        TD3+BC in a trainable mode). Targets are not moved."""
         return self._floats(self._actor_step(self._prepare(batch)))
 
     def update(self, batch) -> dict[str, float]:
