@@ -387,3 +387,25 @@ def test_front_camera_keeps_the_bonnet_rgb_camera(server):
     assert (camera.transform.location.x, camera.transform.location.z) == pytest.approx((x, z))
     assert camera.transform.rotation.pitch == pytest.approx(pitch)
     env.close()
+
+
+def test_the_expert_stops_behind_a_traffic_car_standing_in_its_lane(server):
+    # info["lead_distance_m"] comes from the TrafficManager's cars (the client's copy of their
+    # poses): the expert keeps its gap where, blind, it drove into them
+    env = _env(server, spec=ObsSpec(traffic=1))
+    expert = make_scripted_policy("expert", env)
+    expert.reset(0)
+    obs, info = env.reset(seed=0)
+    car = next(a for a in server.world.alive("vehicle") if a.attributes.get("role_name") == "autopilot")
+    car.set_autopilot(False)
+    car.speed, car.control = 0.0, carla.VehicleControl(brake=1.0)
+    car.transform = carla.Transform(carla.Location(35.0, 1.75, 0.3), carla.Rotation())
+    obs, _, _, _, info = env.step(np.zeros(2, np.float32))
+    assert info["lead_distance_m"] == pytest.approx(30.0, abs=1.0) and info["lead_speed"] == 0.0
+    for _ in range(300):
+        obs, reward, terminated, truncated, info = env.step(expert.act(obs, info))
+        if terminated or truncated:
+            break
+    assert not info["collision"] and info["speed"] < 0.5
+    assert 5.0 < info["lead_distance_m"] < 5.0 + 3.0 + 4.0
+    env.close()

@@ -123,3 +123,61 @@ def test_leaving_the_road_terminates_with_a_penalty(racetrack_env):
             break
     assert terminated and info["termination"] in ("off_route", "collision")
     assert reward < -1.0
+
+
+# -- the expert keeps its distance to traffic ---------------------------------------------------
+
+
+def test_lead_vehicle_is_the_nearest_one_ahead_in_the_route_corridor():
+    from pipeline.envs.driving import RouteTracker
+
+    tracker = RouteTracker(np.array([[0.0, 0.0], [200.0, 0.0]]))  # a straight route along +x
+    positions = [[30.0, 0.5],    # ahead, in the lane: 20 m ahead of the ego at x = 10
+                 [25.0, 4.0],    # nearer, but in the next lane
+                 [5.0, 0.0],     # in the lane, behind
+                 [70.0, 0.0],    # in the lane, beyond the horizon
+                 [45.0, -1.0]]   # in the lane, further than the first
+    speeds = [3.0, 9.0, 9.0, 9.0, 5.0]
+    assert tracker.lead_vehicle(10.0, positions, speeds) == pytest.approx((20.0, 3.0))
+    assert tracker.lead_vehicle(10.0, positions[1:], speeds[1:]) == pytest.approx((35.0, 5.0))
+    assert tracker.lead_vehicle(10.0, positions[1:4], speeds[1:4]) == (float("inf"), float("inf"))
+    assert tracker.lead_vehicle(10.0, np.zeros((0, 2)), [])[0] == float("inf")
+    # on a closed route the stretch ahead continues across the finish line
+    loop = RouteTracker(np.array([[0.0, 0.0], [100.0, 0.0], [100.0, 100.0], [0.0, 100.0], [0.0, 0.0]]), closed=True)
+    assert loop.lead_vehicle(390.0, [[5.0, 0.0]], [1.0])[0] == pytest.approx(15.0)
+
+
+def _stopped_car_ahead(env, metres: float):
+    """A car standing still in the ego's lane ``metres`` ahead (after ``env.reset``)."""
+    from highway_env.vehicle.kinematics import Vehicle
+
+    base = env.unwrapped
+    ego, road = base._sim.vehicle, base._sim.road
+    lane = road.network.get_lane(ego.lane_index)
+    s, _ = lane.local_coordinates(ego.position)
+    road.vehicles.append(Vehicle(road, lane.position(s + metres, 0.0), lane.heading_at(s + metres), speed=0.0))
+
+
+@pytest.mark.parametrize("sees_traffic", [True, False])
+def test_the_expert_stops_behind_a_car_in_its_lane_where_blind_it_drove_into_it(sees_traffic):
+    # before the expert read info["lead_distance_m"] it drove into slower cars: datasets recorded
+    # with traffic taught crashing into them
+    env = make_env("racetrack", traffic=0)
+    expert = make_scripted_policy("expert", env)
+    expert.reset(0)
+    obs, info = env.reset(seed=0)
+    _stopped_car_ahead(env, 30.0)
+    obs, _, _, _, info = env.step(np.zeros(2, np.float32))
+    assert 30.0 - info["speed"] * 0.2 - 1.0 < info["lead_distance_m"] < 30.0  # the ego drove one step on
+    assert info["lead_speed"] == 0.0
+    for _ in range(45):
+        seen = info if sees_traffic else {k: v for k, v in info.items() if not k.startswith("lead_")}
+        obs, reward, terminated, truncated, info = env.step(expert.act(obs, seen))
+        if terminated or truncated:
+            break
+    if sees_traffic:
+        assert not terminated and info["speed"] < 0.5
+        assert 5.0 + 1.0 < info["lead_distance_m"] < 5.0 + 3.0 + 4.0  # bumpers 1-7 m apart, stopped
+    else:
+        assert terminated and info["termination"] == "collision"
+    env.close()

@@ -217,6 +217,7 @@ class CarlaDrivingEnv(gym.Env):
         self._actors: list = []  # everything we spawned this episode, destroyed in reverse order
         self._sensors: list = []
         self._walker_controllers: list = []
+        self._traffic_cars: list = []  # the TrafficManager's vehicles: the expert watches them
         self._ego = None
         self._tm = None
         self._autopilot = False
@@ -272,6 +273,7 @@ class CarlaDrivingEnv(gym.Env):
             # one batched round trip: a Ctrl-C should not wait for one call per actor
             self._client.apply_batch_sync([carla.command.DestroyActor(a.id) for a in reversed(self._actors)])
         self._actors, self._sensors, self._walker_controllers, self._ego = [], [], [], None
+        self._traffic_cars = []
 
     def close(self) -> None:
         """Destroy our actors and restore the world's settings; safe to call twice."""
@@ -421,6 +423,7 @@ class CarlaDrivingEnv(gym.Env):
                 actor = self._spawn(blueprint, points[i])
                 if actor is not None:
                     actor.set_autopilot(True, tm.get_port())
+                    self._traffic_cars.append(actor)
                     placed += 1
         if self.walkers > 0:
             walker_bps = list(library.filter("walker.pedestrian.*"))
@@ -509,6 +512,7 @@ class CarlaDrivingEnv(gym.Env):
 
     def _info(self, state, full, speed, collision=False, off_route=False, termination=None,
               red_light=False, stop_sign=False) -> dict:
+        lead_m, lead_speed = self._lead_vehicle(state)
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
@@ -520,7 +524,20 @@ class CarlaDrivingEnv(gym.Env):
             "termination": termination,
             "progress_m": state.progress_m,
             "state_vector": full,
+            # privileged, for the scripted expert: the nearest vehicle ahead in the ego's lane
+            "lead_distance_m": lead_m,
+            "lead_speed": lead_speed,
         }
+
+    def _lead_vehicle(self, state) -> tuple[float, float]:
+        """(metres along the route to the nearest traffic vehicle in the ego's lane ahead, its
+        speed), or (inf, inf). Actor poses are the client's copy from the last tick: no server call."""
+        positions, speeds = [], []
+        for car in self._traffic_cars:
+            location, v = car.get_transform().location, car.get_velocity()
+            positions.append(_mirror(location.x, location.y))
+            speeds.append(math.hypot(v.x, v.y))
+        return self._tracker.lead_vehicle(state.progress_m, positions, speeds)
 
     def _off_road(self) -> bool:
         location = self._ego.get_transform().location

@@ -244,6 +244,9 @@ class EmbeddedDrivingEnv(gym.Env):
         return {"frame": self._frame, "vector": full[self._vector_index]}, full
 
     def _info(self, state, full_vector, collision=False, off_route=False, termination=None) -> dict:
+        others = [v for v in self._sim.road.vehicles if v is not self._ego]
+        lead_m, lead_speed = self._tracker.lead_vehicle(
+            state.progress_m, [v.position for v in others], [v.speed for v in others])
         return {
             "route_completion": state.completion,
             "collision": bool(collision),
@@ -255,6 +258,9 @@ class EmbeddedDrivingEnv(gym.Env):
             "termination": termination,
             "progress_m": state.progress_m,
             "state_vector": full_vector,
+            # privileged, for the scripted expert: the nearest vehicle ahead in the ego's lane
+            "lead_distance_m": lead_m,
+            "lead_speed": lead_speed,
         }
 
     # -- gymnasium API ---------------------------------------------------------------------

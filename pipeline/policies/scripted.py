@@ -28,13 +28,25 @@ class RandomPolicy(SeededPolicy):
 
 
 class ExpertPolicy(SeededPolicy):
-    """Pure pursuit on the route waypoints plus a proportional speed controller.
+    """Pure pursuit on the route waypoints plus a proportional speed controller that keeps its
+    distance to the vehicle ahead.
 
     Steering: aim at the route point ``lookahead`` metres ahead (in the ego frame) and turn with the
     bicycle-model angle ``atan(2 L sin(alpha) / lookahead)``, normalised by the backend's maximum
     steering angle. Speed: throttle/brake proportional to the error to ``target_speed``, easing off
-    in curves. ``noise`` adds Gaussian action noise so datasets cover recoveries, not one line.
+    in curves, and never faster than the speed that keeps a time gap to the vehicle ahead in its
+    lane (the env's privileged ``info["lead_distance_m"]`` / ``info["lead_speed"]``): without it the
+    expert drove into slower traffic, and datasets recorded with traffic taught crashing into it.
+    ``noise`` adds Gaussian action noise so datasets cover recoveries, not one line.
     """
+
+    # Car following: the wanted gap is MIN_GAP_M plus HEADWAY_S of the ego's speed between bumpers
+    # (centres CAR_LENGTH_M apart, as both backends' cars are about that long); each metre short
+    # of it (or beyond it) takes GAP_GAIN m/s off the lead vehicle's speed (or adds it).
+    CAR_LENGTH_M = 5.0
+    MIN_GAP_M = 3.0
+    HEADWAY_S = 1.0
+    GAP_GAIN = 0.5
 
     def __init__(self, vehicle_params: dict, target_speed: float = 10.0, noise: float = 0.0,
                  seed: int = 0, speed_gain: float = 0.5):
@@ -71,6 +83,12 @@ class ExpertPolicy(SeededPolicy):
         # slow down ahead of sharp bends: the far waypoints' bearing says how much the road turns
         bend = abs(np.arctan2(path[-1, 1], path[-1, 0]))
         wanted = self.target_speed * float(np.clip(1.2 - bend, 0.6, 1.0))
+        lead_m = float(info.get("lead_distance_m", np.inf))
+        if np.isfinite(lead_m):
+            gap = lead_m - self.CAR_LENGTH_M
+            wanted_gap = self.MIN_GAP_M + self.HEADWAY_S * max(speed, 0.0)
+            following = float(info["lead_speed"]) + self.GAP_GAIN * (gap - wanted_gap)
+            wanted = min(wanted, max(following, 0.0))
         throttle = self.speed_gain * (wanted - speed)
         return np.clip([steer, throttle], -1.0, 1.0).astype(np.float32)
 
