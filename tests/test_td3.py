@@ -350,6 +350,29 @@ def test_select_action_single_and_batch():
         agent.select_action({"image": single["image"], "vector": single["vector"][:5]})
 
 
+@pytest.mark.parametrize("target_encoder", [True, False])
+def test_averaged_actions_come_from_the_polyak_networks_and_deployed_policies_use_them(target_encoder):
+    from pipeline.policies import AgentPolicy
+
+    agent = make_agent(target_encoder=target_encoder)
+    for _ in range(4):  # online networks move away from their averages
+        agent.update(make_batch(seed=5))
+    rng = np.random.default_rng(2)
+    batch = {k: v.numpy() for k, v in make_obs(rng, 3).items()}
+    online, averaged = agent.select_action(batch), agent.select_action(batch, averaged=True)
+    assert not np.allclose(online, averaged)
+
+    with torch.no_grad():  # the same numbers by hand from the averages
+        encoder = agent.encoder_target if target_encoder else agent.encoder
+        features = encoder({"image": torch.from_numpy(batch["image"]), "vector": torch.from_numpy(batch["vector"])})
+        np.testing.assert_allclose(averaged, agent.actor_target(features).numpy(), atol=1e-6)
+
+    policy = AgentPolicy(agent)  # what eval and the training loop's evaluations drive with
+    policy.reset(0)
+    single = {k: v[1] for k, v in batch.items()}
+    np.testing.assert_allclose(policy.act(single, {}), averaged[1], atol=1e-6)
+
+
 # ---------------------------------------------------------------- targets and delay
 
 

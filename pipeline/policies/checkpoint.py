@@ -14,9 +14,10 @@ from pipeline.policies.base import SeededPolicy
 
 
 class AgentPolicy(SeededPolicy):
-    """Drives with an agent's deterministic actor (``agent.select_action(obs, noise=0)``), plus
-    optional Gaussian action noise of std ``noise`` drawn from a generator reseeded every episode,
-    so an episode's actions depend only on the weights, the observations and the episode seed."""
+    """Drives with an agent's deployed policy (``agent.select_action(obs, noise=0, averaged=True)``:
+    the Polyak-averaged encoder and actor), plus optional Gaussian action noise of std ``noise``
+    drawn from a generator reseeded every episode, so an episode's actions depend only on the
+    weights, the observations and the episode seed."""
 
     def __init__(self, agent, noise: float = 0.0, seed: int = 0):
         super().__init__(seed, noise)
@@ -27,7 +28,7 @@ class AgentPolicy(SeededPolicy):
         return self.agent.obs_spec
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
-        return self.with_noise(np.asarray(self.agent.select_action(obs, noise=0.0), dtype=np.float32))
+        return self.with_noise(np.asarray(self.agent.select_action(obs, noise=0.0, averaged=True), dtype=np.float32))
 
 
 def load_agent(path: str, device: str = "cpu"):

@@ -284,10 +284,17 @@ class TD3Agent:
             return self._encode(self.encoder, self._obs_to_device(obs))
 
     @torch.no_grad()
-    def select_action(self, obs, noise: float = 0.0) -> np.ndarray:
+    def select_action(self, obs, noise: float = 0.0, averaged: bool = False) -> np.ndarray:
         """Policy action for one observation (image ``(C,H,W)``, vector ``(D,)``) -> float32 ``(A,)``,
         or for a batch (``(B,C,H,W)``, ``(B,D)``) -> ``(B, A)``. Gaussian exploration noise of std
-        ``noise`` is added, then actions are clipped to [-1, 1]; ``noise=0`` is deterministic."""
+        ``noise`` is added, then actions are clipped to [-1, 1]; ``noise=0`` is deterministic.
+
+        ``averaged=False`` acts with the online ``encoder`` and ``actor`` (exploration, as in TD3).
+        ``averaged=True`` acts with their Polyak averages ``encoder_target`` (the online encoder when
+        there is none) and ``actor_target``: the deployed policy, which evaluation uses. The online
+        actor swings by up to 60 points of route completion between checkpoints 500 updates apart;
+        the average over the last few hundred updates is steadier late in a run and lags early
+        (``benchmarks/results/learning-cpu-deployed-policy.md``)."""
         image, vector = np.asarray(obs["image"]), np.asarray(obs["vector"], dtype=np.float32)
         single = image.ndim == 3
         if single:
@@ -297,8 +304,12 @@ class TD3Agent:
                 f"observation image {image.shape[1:]} / vector {vector.shape[1:]} does not match the "
                 f"agent's spec: image {self.obs_spec.image_shape} / vector ({self.obs_spec.vector_dim},)"
             )
-        features = self.extract_features({"image": image, "vector": vector}, enable_grad=False)
-        action = self.actor(features).cpu()
+        encoder, actor = self.encoder, self.actor
+        if averaged:
+            actor = self.actor_target
+            encoder = self.encoder if self.encoder_target is None else self.encoder_target
+        features = self._encode(encoder, self._obs_to_device({"image": image, "vector": vector}))
+        action = actor(features).cpu()
         if noise > 0:
             action = (action + noise * torch.randn(action.shape, generator=self._explore_rng)).clamp_(-1, 1)
         return action[0].numpy() if single else action.numpy()
