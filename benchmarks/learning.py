@@ -80,6 +80,9 @@ METRICS = ("route_completion", "episode_return", "length", "driving_score")  # p
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
 GAMMA = 0.99
 EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
+# What our runs are scored with: the Polyak averages of CNN and actor (TD3Agent.select_action(
+# averaged=True)) since 968c5b5, the online networks before. Part of each job, so of its cache key.
+DEPLOYED_POLICY = "averaged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Job:
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
     bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
+    deployed: str  # ours: the networks evaluations act with (DEPLOYED_POLICY)
     data: str | None  # expert dataset store (offline start)
     device: str
     threads: int | None
@@ -624,6 +628,8 @@ def cnn_precision(hw: dict, asked: bool | None) -> str:
 
 def markdown(report: dict) -> str:
     hw, cfg = report["hardware"], report["config"]
+    scored_with = {"averaged": "the Polyak averages of their CNN and actor", "online": "their online CNN and actor"}
+    scored_with = scored_with[DEPLOYED_POLICY]
     lines = [f"## Learning: end-to-end vs frozen CNN vs SB3 TD3 ({cfg['route']})", ""]
     if report.get("note"):
         lines += [f"> {report['note']}", ""]
@@ -636,7 +642,7 @@ def markdown(report: dict) -> str:
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). Image setting: vector = speed only, traffic "
-        f"{cfg['traffic']}. Training runs took {report['runs_wall_s'] / 60:.1f} min of run time in all; this "
+        f"{cfg['traffic']}. Our agents are scored with {scored_with}. Training runs took {report['runs_wall_s'] / 60:.1f} min of run time in all; this "
         f"invocation {report['wall_s'] / 60:.1f} min of wall time.",
         "",
         "| part | setting | start | variants | env steps | warm-up | eval every | TD3+BC alpha |",
@@ -850,6 +856,7 @@ def main(argv=None) -> dict:
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
                     encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=bf16,
+                    deployed=DEPLOYED_POLICY,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]

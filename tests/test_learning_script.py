@@ -134,24 +134,34 @@ def test_a_finished_run_is_reused(bench, learning):
     assert learning.run_job(job)["final"]["route_completion"] == 42.0
 
 
-def test_a_cached_run_of_another_precision_is_trained_again(bench, learning, tmp_path, monkeypatch):
+@pytest.mark.parametrize("field, cached_value, value", [
+    ("bf16", None, False),  # how a run cached before the precision was resolved reads
+    ("deployed", "online", "averaged"),  # scored with the online actor (before 968c5b5: no field at all)
+    ("deployed", None, "averaged"),
+])
+def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench, learning, tmp_path, monkeypatch,
+                                                                           field, cached_value, value):
     """The CNN's precision is stored resolved (no "default" whose meaning changes between versions),
-    and a cached run whose precision differs from the job's is not reused."""
+    and so are the networks evaluations act with; a cached run that differs in either is not reused."""
     runs = bench["report"]["runs"]
     assert {r["job"]["bf16"] for r in runs} == {False}  # CPU, no --bf16: fp32, written as such
+    assert {r["job"]["deployed"] for r in runs} == {learning.DEPLOYED_POLICY} == {"averaged"}
     cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
     record = json.loads(cached.read_text())
-    record["job"]["bf16"] = None  # how a run cached before precision was resolved reads
+    if cached_value is None and field == "deployed":
+        del record["job"][field]
+    else:
+        record["job"][field] = cached_value
     run_dir = tmp_path / "image-online-critic-seed0"
     run_dir.mkdir()
     record["job"]["run_dir"] = str(run_dir)
     (run_dir / "result.json").write_text(json.dumps(record))
     trained = []
     monkeypatch.setattr(learning, "run_ours", lambda job, sched: trained.append(job) or {"final": {}})
-    job = learning.Job(**{**record["job"], "bf16": False})
+    job = learning.Job(**{**record["job"], field: value})
     learning.run_job(job)
     assert trained == [job]
-    assert json.loads((run_dir / "result.json").read_text())["job"]["bf16"] is False
+    assert json.loads((run_dir / "result.json").read_text())["job"][field] == value
 
 
 def test_the_cpu_preset_is_the_issues_comparison(learning):
