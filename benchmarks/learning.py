@@ -71,6 +71,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.policies import AgentPolicy  # noqa: E402
 
 FORMAT, FORMAT_VERSION = "pipeline.learning-benchmark", 1
 SETTINGS = ("full", "image")
@@ -80,9 +81,9 @@ METRICS = ("route_completion", "episode_return", "length", "driving_score")  # p
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
 GAMMA = 0.99
 EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
-# What our runs are scored with: the Polyak averages of CNN and actor (TD3Agent.select_action(
-# averaged=True)) since 968c5b5, the online networks before. Part of each job, so of its cache key.
-DEPLOYED_POLICY = "averaged"
+# What our runs are scored with: the Polyak averages of CNN and actor (AgentPolicy.averaged) since
+# 968c5b5, the online networks before. Part of each job, so of its cache key.
+DEPLOYED_POLICY = "averaged" if AgentPolicy.averaged else "online"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere, without installing the package
+    sys.path.insert(0, str(REPO))
+
+from pipeline.policies import AgentPolicy  # noqa: E402
+
+# What `pipeline eval --checkpoint` acts with (the Polyak averages since 968c5b5); a cached seed
+# scored otherwise, or trained with other options, is done again.
+SCORED_WITH = "averaged" if AgentPolicy.averaged else "online"
 HELD_OUT = ["--seed", "100", "--episodes", "10"]  # seeds 100-109: never the route's evaluation seeds
 LEARNED = 90.0  # route completion % on the held-out seeds that counts a training seed as learned
 
@@ -82,14 +90,16 @@ def train_and_score(seed: int, args) -> dict:
     """One training seed, trained and every checkpoint scored; cached in ``result.json``."""
     run_dir = Path(args.work_dir) / f"{args.label}-s{seed}"
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # killed before its result: train again from the start
-    run_dir.mkdir(parents=True)
-    log = run_dir / "log.txt"
     train = pipeline_cmd("train", "--data", str(args.data), "--online-mix", "0.5", "--checkpoint-every", "1000",
                          "--seed", str(seed), "--out", str(run_dir / "run"), *args.train_arg)
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("train_command") == " ".join(train[2:]) and done.get("scored_with") == SCORED_WITH:
+            return done
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # killed before its result, or cached for other options: from the start
+    run_dir.mkdir(parents=True)
+    log = run_dir / "log.txt"
     started = time.perf_counter()
     run(train, log, args.threads)
     train_s = time.perf_counter() - started
@@ -102,7 +112,8 @@ def train_and_score(seed: int, args) -> dict:
                              "--out", str(out), "--quiet"), log, args.threads)
             point[name] = scores(out)
         points.append(point)
-    result = {"seed": seed, "train_s": round(train_s, 1), "train_command": " ".join(train[2:]), "points": points}
+    result = {"seed": seed, "train_s": round(train_s, 1), "train_command": " ".join(train[2:]),
+              "scored_with": SCORED_WITH, "points": points}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, result_path)  # a result on disk is a whole one

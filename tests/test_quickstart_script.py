@@ -73,3 +73,16 @@ def test_a_rerun_keeps_finished_seeds_and_retrains_a_half_finished_one(tiny, qui
     assert (work / "t-s0" / "result.json").read_text() == kept  # not redone
     assert not (work / "t-s1" / "stale.txt").exists() and (work / "t-s1" / "result.json").is_file()
     assert [r["seed"] for r in report["results"]] == [0, 1]
+
+
+def test_a_seed_cached_with_other_train_options_or_scored_with_the_online_actor_is_redone(tiny, quickstart):
+    work = tiny["work"]
+    assert quickstart.SCORED_WITH == "averaged"
+    for seed, field, value in ((0, "scored_with", "online"), (1, "train_command", "train --steps=99")):
+        path = work / f"t-s{seed}" / "result.json"
+        record = json.loads(path.read_text())
+        assert record[field] != value
+        path.write_text(json.dumps({**record, field: value, "train_s": -1.0}))  # -1: only a reused record has it
+    report = quickstart.main(tiny["argv"])
+    for r in report["results"]:
+        assert r["train_s"] > 0 and r["scored_with"] == "averaged" and "--steps=30" in r["train_command"]

@@ -19,6 +19,8 @@ class AgentPolicy(SeededPolicy):
     drawn from a generator reseeded every episode, so an episode's actions depend only on the
     weights, the observations and the episode seed."""
 
+    averaged = True  # the deployed networks: Polyak averages (False: the online ones, as before 968c5b5)
+
     def __init__(self, agent, noise: float = 0.0, seed: int = 0):
         super().__init__(seed, noise)
         self.agent = agent
@@ -28,7 +30,7 @@ class AgentPolicy(SeededPolicy):
         return self.agent.obs_spec
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
-        return self.with_noise(np.asarray(self.agent.select_action(obs, noise=0.0, averaged=True), dtype=np.float32))
+        return self.with_noise(np.asarray(self.agent.select_action(obs, noise=0.0, averaged=self.averaged), dtype=np.float32))
 
 
 def load_agent(path: str, device: str = "cpu"):
