@@ -643,7 +643,8 @@ def markdown(report: dict) -> str:
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
         f"({EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). Image setting: vector = speed only, traffic "
-        f"{cfg['traffic']}. Our agents are scored with {scored_with}. Training runs took {report['runs_wall_s'] / 60:.1f} min of run time in all; this "
+        f"{cfg['traffic']}. Our agents are scored with {scored_with}. Training runs took "
+        f"{report['runs_wall_s'] / 60:.1f} min of run time in all; this "
         f"invocation {report['wall_s'] / 60:.1f} min of wall time.",
         "",
         "| part | setting | start | variants | env steps | warm-up | eval every | TD3+BC alpha |",

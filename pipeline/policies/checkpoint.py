@@ -30,7 +30,8 @@ class AgentPolicy(SeededPolicy):
         return self.agent.obs_spec
 
     def act(self, obs: dict, info: dict) -> np.ndarray:
-        return self.with_noise(np.asarray(self.agent.select_action(obs, noise=0.0, averaged=self.averaged), dtype=np.float32))
+        action = self.agent.select_action(obs, noise=0.0, averaged=self.averaged)
+        return self.with_noise(np.asarray(action, dtype=np.float32))
 
 
 def load_agent(path: str, device: str = "cpu"):
