@@ -142,16 +142,26 @@ def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
     original = EpisodeWriter.append_many
 
     def recording(self, episodes, sources=None):
+        import zarr
+
         with open(pids, "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {zarr.config.get('threading.max_workers')}\n")
         return original(self, episodes, sources)
 
     monkeypatch.setattr(EpisodeWriter, "append_many", recording)
     summary = collect(CollectConfig(out=str(tmp_path / "c.zarr"), episodes=3, policy="random", max_steps=20),
                       progress=False)
     assert summary["episodes_committed"] == 3
-    appenders = {int(line) for line in pids.read_text().split()}
-    assert appenders and os.getpid() not in appenders
+    appenders = {tuple(line.split()) for line in pids.read_text().splitlines()}
+    assert appenders and str(os.getpid()) not in {pid for pid, _ in appenders}
+    # the writer compresses on one thread (a pool per core took the env loop's core), and the
+    # collector's own zarr config is left alone
+    assert {threads for _, threads in appenders} == {"1"}
+    import zarr
+
+    assert zarr.config.get("threading.max_workers") != 1
+    # the env loop's own time excludes creating the store and the last commit
+    assert 0 < summary["driving_s"] < summary["steps"] / summary["steps_per_s"]
 
 
 def test_a_dead_writer_is_one_line_that_keeps_the_committed(tmp_path):

@@ -262,7 +262,27 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         raise PipelineError(f"the routes of {config.route} record different observations (their default "
                             f"traffic differs); give --traffic N")
     servers = list(config.carla_servers)
-    # bad options, a missing checkpoint or an unreachable server must fail before a store exists
+    # The writer process starts (forks) now, while this process is small: every page both share
+    # costs the env loop a copy-on-write fault when it first writes it. It opens the store only in
+    # _record, so bad options, a missing checkpoint or an unreachable server or scheduler still fail
+    # before a store exists; and it starts before any cluster thread does.
+    with StoreWriterProcess() as writer:
+        _check_simulator(config, route, servers)
+        workers = local_workers_for(servers, config.workers, config.scheduler)
+        if workers or config.scheduler:
+            with dask_client(workers, config.scheduler) as client:
+                if not servers:
+                    # Every worker builds its env and policy now, all at once, as this process built
+                    # its own above: the recording's steps/s then count driving, not start-up.
+                    client.run(build_env_and_policy, config)
+                source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
+                return _record(config, route, spec, source, progress, writer)
+        return _record(config, route, spec, _episodes_local, progress, writer)
+
+
+def _check_simulator(config: CollectConfig, route, servers: list[tuple[str, int]]) -> None:
+    """Fail now on an unreachable server or a policy that cannot be built; builds this process's
+    env and policy for the embedded backend."""
     if servers:
         if route.backend != "carla":
             raise PipelineError(f"--carla-servers is for CARLA routes; {route.name} is {route.backend}")
@@ -276,19 +296,6 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
         probe_server(**config.simulator)
     else:
         env_and_policy(config)
-    # The writer process starts (forks) before any cluster thread exists, and opens the store only
-    # in _record: an unreachable scheduler still fails before a store exists.
-    with StoreWriterProcess() as writer:
-        workers = local_workers_for(servers, config.workers, config.scheduler)
-        if workers or config.scheduler:
-            with dask_client(workers, config.scheduler) as client:
-                if not servers:
-                    # Every worker builds its env and policy now, all at once, as this process built
-                    # its own above: the recording's steps/s then count driving, not start-up.
-                    client.run(build_env_and_policy, config)
-                source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
-                return _record(config, route, spec, source, progress, writer)
-        return _record(config, route, spec, _episodes_local, progress, writer)
 
 
 def _record(config: CollectConfig, route, spec, source, progress: bool, writer: StoreWriterProcess) -> dict:
@@ -299,19 +306,22 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
     writer.open(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend), mode=config.mode,
                 reward=RewardConfig().to_dict())
     seeds = _pending_seeds(config, writer)
-    stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}}
+    stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}, "return_sum": 0.0}
     started = time.perf_counter()
 
     with _progress_bar(progress, total=config.episodes, done=config.episodes - len(seeds)) as bar:
 
         def on_commit(episode: EpisodeSummary, committed: int) -> None:
+            # runs on the writer's notice thread, under the env loop's GIL: a few additions only
             stats["steps"] += episode.length
             stats["returns"].append(episode.episode_return)
             stats["completions"].append(float(episode.info.get("route_completion", 0.0)))
             stats["terminations"][episode.termination] = stats["terminations"].get(episode.termination, 0) + 1
+            stats["return_sum"] += episode.episode_return
             elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.update(completed=config.episodes - len(seeds) + len(stats["returns"]),
-                       sps=stats["steps"] / elapsed, ret=float(np.mean(stats["returns"])))
+            done = len(stats["returns"])
+            bar.update(completed=config.episodes - len(seeds) + done, sps=stats["steps"] / elapsed,
+                       ret=stats["return_sum"] / done)
 
         writer.on_commit = on_commit
         interrupted = False
@@ -320,6 +330,7 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            driven = time.perf_counter()
             # whole episodes already finished are still written: nothing recorded is dropped
             writer.finish()
 
@@ -332,6 +343,9 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
         "episodes_requested": config.episodes,
         "steps": stats["steps"],
         "steps_per_s": stats["steps"] / elapsed if elapsed > 0 else 0.0,
+        # the env loop alone: from the store being ready to the last episode handed over (the
+        # store's creation and the last commit left out; benchmarks/collect_throughput.py)
+        "driving_s": driven - started,
         "mean_return": float(np.mean(stats["returns"])) if stats["returns"] else float("nan"),
         "mean_route_completion": float(np.mean(stats["completions"])) if stats["completions"] else float("nan"),
         "terminations": stats["terminations"],

@@ -120,7 +120,14 @@ def _serve(control, replies_conn, parent_ends, lock) -> None:
     for conn in parent_ends:  # a forked child holds the collector's ends too: EOF needs them closed
         conn.close()
     _die_with_parent()
+    import zarr
+
     from pipeline.datasets.store import EpisodeWriter
+
+    # One thread compresses: zarr's pool would otherwise run a codec thread per core, and on a
+    # 2-core machine those took the env loop's core during every commit (recording ran at 0.945 of
+    # the raw env rate with the pool, 0.982 without; benchmarks/results/collect_throughput.txt).
+    zarr.config.set({"threading.max_workers": 1})
 
     try:
         order = _recv_json(control)
@@ -222,6 +229,9 @@ class StoreWriterProcess:
         _send_json(self._control, {"op": "open", "url": str(url), "obs_spec": obs_spec.to_dict(),
                                    "action_spec": action_spec.to_dict(), "meta": meta, "mode": mode,
                                    "reward": reward, "ring": self._ring.memory.name, "layout": asdict(layout)})
+        # While the writer creates the store: map the ring's pages here, so that the env loop's
+        # first pass over them does not take a page fault per 4 KiB (about 2,000 of them).
+        self._ring.frames[:] = 0
         try:
             reply = _recv_json(self._replies)
         except EOFError:
