@@ -191,6 +191,20 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
     assert {p["budget"] for p in gpu.parts} == {100_000} and gpu.batch_size == 256 and gpu.seeds == [0]
 
 
+def test_the_traffic8_preset_is_part_a_with_eight_cars(learning):
+    """Everything as the cpu preset's part (a), but 8 other cars and end-to-end vs frozen only: its
+    runs are the ones behind learning-cpu-a-traffic8-10seeds.md (same jobs, so the same cache)."""
+    cpu, t8 = learning.parse_args(["--preset", "cpu"]), learning.parse_args(["--preset", "cpu-traffic8"])
+    (part,) = t8.parts
+    a = next(p for p in cpu.parts if p["name"] == "a")
+    assert {k: v for k, v in part.items() if k != "variants"} == {k: v for k, v in a.items() if k != "variants"}
+    assert part["variants"] == ["critic", "frozen"] and (cpu.traffic, t8.traffic) == (3, 8)
+    others = ("parts", "traffic", "out", "preset")
+    assert ({k: v for k, v in vars(t8).items() if k not in others}
+            == {k: v for k, v in vars(cpu).items() if k not in others})
+    assert t8.out.endswith("learning-cpu-traffic8")
+
+
 def test_bad_budgets_fail_before_training(learning, tmp_path):
     with pytest.raises(SystemExit):
         learning.parse_args(["--eval-every", "10", "--train-freq", "4"])
