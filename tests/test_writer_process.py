@@ -224,3 +224,21 @@ def test_the_spawn_start_used_off_linux_writes_the_same(tmp_path, monkeypatch):
     assert store.num_episodes == 3 and store.meta["policy"] == "random"
     for i, want in enumerate(episodes):
         assert_episode_equal(store.episode(i), want)
+
+
+@linux_only
+def test_a_ring_removed_from_dev_shm_midway_still_finishes(tmp_path):
+    # someone cleans /dev/shm during a collection: the mapping lives on, and closing must not fail
+    url = str(tmp_path / "a.zarr")
+    episodes = [make_episode(seed, 5) for seed in range(3)]
+    with StoreWriterProcess() as writer:
+        writer.open(url, SPEC)
+        writer.put(episodes[0])
+        os.remove(f"/dev/shm/{writer._ring.memory.name.lstrip('/')}")
+        for episode in episodes[1:]:
+            writer.put(episode)
+        writer.finish()
+    store = TransitionStore(url)
+    assert store.num_episodes == 3
+    for i, want in enumerate(episodes):
+        assert_episode_equal(store.episode(i), want)

@@ -25,6 +25,7 @@ a slot names where its episode's rows start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -112,7 +113,8 @@ class EpisodeRing:
             setattr(self, name, None)
         self.memory.close()
         if unlink:
-            self.memory.unlink()
+            with contextlib.suppress(FileNotFoundError):  # removed from under us (/dev/shm cleaned)
+                self.memory.unlink()
 
 
 @dataclass

@@ -282,9 +282,9 @@ class StoreWriterProcess:
         if self._receiver is not None:  # it ends with the process: its pipe end is closed now
             self._receiver.join(timeout=5)
         self._replies.close()
-        if self._ring is not None:
-            self._ring.close(unlink=True)
-            self._ring = None
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close(unlink=True)
 
     def __enter__(self) -> "StoreWriterProcess":
         return self
