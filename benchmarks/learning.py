@@ -734,7 +734,7 @@ PRESETS = {
     },
     # Part (a) with 8 other cars, end-to-end vs frozen only: where the seed's claim shows on a CPU
     # (learning-cpu-a-traffic8-10seeds.md: driving score 68.1 vs 29.6 over 10 seeds). Not the
-    # issue's setting (3 cars); ~12 min for 3 seeds, two runs side by side.
+    # issue's setting (3 cars); 15 min for 3 seeds with the dataset, two runs side by side.
     "cpu-traffic8": {
         "options": dict(device="cpu", threads=1, jobs=2, batch_size=64, seeds=[0, 1, 2], train_freq=1,
                         gradient_steps=1, eval_episodes=3, final_episodes=5, traffic=8, online_mix=0.5,
