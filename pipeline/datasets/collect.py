@@ -1,9 +1,8 @@
 """``pipeline collect``: drive a policy and record whole episodes into a dataset store.
 
-The env loop never waits for storage: it writes each step into shared memory read by the store's
-one writer, a process of its own (:mod:`pipeline.datasets.writer_process`), which appends whole
-episodes in order of completion. With ``workers`` / ``scheduler`` the episodes run on a dask
-cluster and come back, whole, to the same writer.
+The env loop never waits for storage: finished episodes go to the store's one writer, a process of
+its own (:mod:`pipeline.datasets.writer_process`), which appends them in order of completion. With
+``workers`` / ``scheduler`` the episodes run on a dask cluster and come back to the same writer.
 A store only ever shows whole, committed episodes, so Ctrl-C or a killed process loses at most the
 episodes in flight, and ``resume`` runs only the episode seeds that are not yet committed.
 """
@@ -15,6 +14,7 @@ import getpass
 import itertools
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -23,7 +23,6 @@ import numpy as np
 
 from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder
-from pipeline.datasets.episode_ring import EpisodeSummary
 from pipeline.datasets.writer_process import StoreWriterProcess
 from pipeline.errors import PipelineError
 from pipeline.progress import ProgressBar
@@ -111,11 +110,8 @@ def run_episode_on(config: CollectConfig, episode_seed: int, server: dict) -> Ep
     return run_episode(replace(config, simulator={**config.simulator, **server}), episode_seed)
 
 
-def run_episode(config: CollectConfig, episode_seed: int, recorder_for=EpisodeRecorder) -> Episode:
+def run_episode(config: CollectConfig, episode_seed: int) -> Episode:
     """Drive one episode with ``config``'s policy, reset with ``episode_seed``. Runs on any worker.
-
-    ``recorder_for(route, seed)`` makes the recorder; its ``finish`` is returned (an
-    :class:`Episode` by default; the writer's ring recorder hands it over instead).
 
     A policy that keeps a ``last_expert_action`` (the scripted expert) also labels every step
     with the action it would have taken without its noise (DART): the label behaviour cloning
@@ -124,7 +120,7 @@ def run_episode(config: CollectConfig, episode_seed: int, recorder_for=EpisodeRe
     env, policy = env_and_policy(config, route)
     policy.reset(episode_seed)
     obs, info = env.reset(seed=episode_seed)
-    recorder = recorder_for(route, episode_seed)
+    recorder = EpisodeRecorder(route=route, seed=episode_seed)
     recorder.start(obs)
     while True:
         action = policy.act(obs, info)
@@ -176,16 +172,17 @@ def _pending_seeds(config: CollectConfig, writer) -> _PendingSeeds:
     return _PendingSeeds(config, set(TransitionStore(config.out).episodes["seed"].tolist()))
 
 
-def _episodes_local(config: CollectConfig, seeds, writer: StoreWriterProcess):
-    """Episodes driven in this process, recorded straight into the writer's shared memory."""
+def _episodes_local(config: CollectConfig, seeds, stop: threading.Event):
     for seed in seeds:
-        run_episode(config, seed, recorder_for=writer.recorder)
+        if stop.is_set():
+            return
+        yield run_episode(config, seed)
 
 
 def _episodes_on(client):
-    """Episodes run on a dask cluster, handed to the writer as they finish (in any order)."""
+    """Episodes run on a dask cluster, yielded as they finish (in any order)."""
 
-    def episodes(config: CollectConfig, seeds, writer: StoreWriterProcess):
+    def episodes(config: CollectConfig, seeds, stop: threading.Event):
         from dask.distributed import as_completed
 
         # A window of episodes in flight, topped up as they finish: the scheduler holds a few
@@ -195,7 +192,9 @@ def _episodes_on(client):
         running = as_completed([client.submit(run_episode, config, seed, pure=False)
                                 for seed in itertools.islice(pending, window)])
         for future in running:
-            writer.put(future.result())
+            if stop.is_set():
+                break
+            yield future.result()
             for seed in itertools.islice(pending, 1):
                 running.add(client.submit(run_episode, config, seed, pure=False))
 
@@ -214,7 +213,7 @@ class _EpisodesOnServers:
         self.events.append(line)
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    def __call__(self, config: CollectConfig, seeds, writer: StoreWriterProcess):
+    def __call__(self, config: CollectConfig, seeds, stop: threading.Event):
         from pipeline.cluster import AllServersLostError, run_on_servers
         from pipeline.errors import SimulatorUnavailableError
 
@@ -225,7 +224,9 @@ class _EpisodesOnServers:
                     self.client, self.servers, list(seeds), partial(run_episode_on, config),
                     describe=lambda seed: f"episode seed {seed} ({config.route_for(seed)})", notify=self.notify,
                     is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
-                writer.put(episode)
+                if stop.is_set():
+                    break
+                yield episode
         except AllServersLostError as exc:
             raise AllServersLostError(f"{exc}; the committed episodes are kept: continue with --resume "
                                       f"once servers are back") from None
@@ -311,7 +312,7 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
 
     with _progress_bar(progress, total=config.episodes, done=config.episodes - len(seeds)) as bar:
 
-        def on_commit(episode: EpisodeSummary, committed: int) -> None:
+        def on_commit(episode: Episode, committed: int) -> None:
             # runs on the writer's notice thread, under the env loop's GIL: a few additions only
             stats["steps"] += episode.length
             stats["returns"].append(episode.episode_return)
@@ -324,11 +325,14 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
                        ret=stats["return_sum"] / done)
 
         writer.on_commit = on_commit
+        stop = threading.Event()
         interrupted = False
         try:
-            source(config, seeds, writer)
+            for episode in source(config, seeds, stop):
+                writer.put(episode)
         except KeyboardInterrupt:
             interrupted = True
+            stop.set()
         finally:
             driven = time.perf_counter()
             # whole episodes already finished are still written: nothing recorded is dropped
