@@ -13,8 +13,8 @@ For every setting x start x variant x seed one training run:
             ``sb3`` (``stable_baselines3.TD3("MultiInputPolicy")``; needs the ``bench`` extra).
 
 Both learners take ``--gradient-steps`` updates every ``--train-freq`` env steps (SB3's meaning),
-the same exploration noise (0.1), warm-up, batch size and gamma; their learners keep their own
-defaults otherwise (recorded in the JSON). Every ``--eval-every`` env steps, and with more episodes
+the same exploration noise (``--exploration-noise``, 0.1), warm-up, batch size and gamma; their
+learners keep their own defaults otherwise (recorded in the JSON). Every ``--eval-every`` env steps, and with more episodes
 at the end, the deterministic policy is scored by ``pipeline eval``'s own
 :func:`pipeline.eval.runner.evaluate_policy` on fixed seeds 0, 1, ... (the seeds ``pipeline train``
 evaluates on; training episodes and the dataset use other seeds). Route completion is in percent (0-100) everywhere.
@@ -82,6 +82,9 @@ STARTS = ("online", "offline")
 VARIANTS = ("critic", "actor+critic", "frozen", "sb3", "sb3-mlp")
 METRICS = ("route_completion", "episode_return", "length", "driving_score")  # per eval, means over episodes
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
+# Job fields added after runs were cached, with the value those runs had: an older result.json
+# without the field is still the same job.
+JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE}
 GAMMA = 0.99
 EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
 # What our runs are scored with: the Polyak averages of CNN and actor (AgentPolicy.averaged) since
@@ -110,6 +113,7 @@ class Job:
     final_episodes: int
     online_mix: float
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
+    exploration_noise: float  # std of the Gaussian action noise in rollouts (ours and SB3)
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
     bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
@@ -191,7 +195,7 @@ def run_ours(job: Job, sched: Schedule) -> dict:
     config = TrainConfig(
         out=str(Path(job.run_dir) / "train"), data=job.data, route=job.route, steps=sched.updates,
         batch_size=job.batch_size, online_mix=job.online_mix, online_every=sched.chunk_updates,
-        online_steps=sched.chunk_steps, exploration_noise=EXPLORATION_NOISE, warmup_steps=sched.warmup,
+        online_steps=sched.chunk_steps, exploration_noise=job.exploration_noise, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
         eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
@@ -342,7 +346,7 @@ def run_sb3(job: Job, sched: Schedule) -> dict:
                 buffer_size=job.budget + (store.num_transitions if store else 0),
                 learning_starts=sched.warmup, batch_size=job.batch_size, gamma=GAMMA,
                 train_freq=(job.train_freq, "step"), gradient_steps=job.gradient_steps,
-                action_noise=NormalActionNoise(np.zeros(2), np.full(2, EXPLORATION_NOISE)),
+                action_noise=NormalActionNoise(np.zeros(2), np.full(2, job.exploration_noise)),
                 device=str(resolve_device(job.device)), seed=job.seed, verbose=0)
     if store is not None:
         _fill_sb3_buffer(model.replay_buffer, store)
@@ -378,7 +382,7 @@ def run_job(job: Job) -> dict:
     result_path = run_dir / "result.json"
     if result_path.is_file():
         done = json.loads(result_path.read_text())
-        if done.get("job") == dataclasses.asdict(job):
+        if {**JOB_FIELDS_ADDED, **done.get("job", {})} == dataclasses.asdict(job):
             return done
     if job.threads:
         import torch
@@ -783,6 +787,8 @@ def parse_args(argv=None):
     p.add_argument("--train-freq", type=int, default=1, help="env steps between learning phases")
     p.add_argument("--gradient-steps", type=int, default=1, help="updates per learning phase")
     p.add_argument("--online-mix", type=float, default=0.5, help="offline start: share of fresh rollouts per batch")
+    p.add_argument("--exploration-noise", type=float, default=EXPLORATION_NOISE,
+                   help="std of the Gaussian action noise in rollouts, ours and SB3 (default: pipeline train's)")
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
@@ -829,6 +835,8 @@ def parse_args(argv=None):
                                else REPO / "benchmarks" / "results" / "learning")
     if not args.encoder_lr > 0:
         p.error("--encoder-lr must be above 0")
+    if not args.exploration_noise >= 0:
+        p.error("--exploration-noise must be 0 or more")
     if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
            args.final_episodes, args.dataset_episodes, args.jobs, args.eval_every or 1) <= 0:
         p.error("budgets, sizes, frequencies, episode counts and --jobs must be positive")
@@ -873,6 +881,7 @@ def main(argv=None) -> dict:
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
+                    exploration_noise=args.exploration_noise,
                     encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=bf16,
                     deployed=DEPLOYED_POLICY,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
@@ -930,7 +939,7 @@ def main(argv=None) -> dict:
                     "one shared encoder; channels_last; bf16 CNN on CUDA, on CPU with --bf16 where native)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
-                   f"gradient_steps and N(0, {EXPLORATION_NOISE}) action noise; offline start: buffer pre-filled "
+                   f"gradient_steps and N(0, {args.exploration_noise}) action noise; offline start: buffer pre-filled "
                    f"with the dataset",
         },
         "datasets": datasets,

@@ -138,6 +138,8 @@ def test_a_finished_run_is_reused(bench, learning):
     ("bf16", None, False),  # how a run cached before the precision was resolved reads
     ("deployed", "online", "averaged"),  # scored with the online actor (before 968c5b5: no field at all)
     ("deployed", None, "averaged"),
+    ("exploration_noise", 0.1, 0.2),
+    ("exploration_noise", None, 0.2),  # cached before the option: it ran with 0.1
 ])
 def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench, learning, tmp_path, monkeypatch,
                                                                            field, cached_value, value):
@@ -148,7 +150,7 @@ def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench,
     assert {r["job"]["deployed"] for r in runs} == {learning.DEPLOYED_POLICY} == {"averaged"}
     cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
     record = json.loads(cached.read_text())
-    if cached_value is None and field == "deployed":
+    if cached_value is None and field != "bf16":
         del record["job"][field]
     else:
         record["job"][field] = cached_value
@@ -162,6 +164,35 @@ def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench,
     learning.run_job(job)
     assert trained == [job]
     assert json.loads((run_dir / "result.json").read_text())["job"][field] == value
+
+
+def test_a_run_cached_before_a_job_field_existed_is_reused_with_that_fields_old_value(bench, learning):
+    """result.json files written before --exploration-noise have no such field; they ran with 0.1."""
+    cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
+    record = json.loads(cached.read_text())
+    assert record["job"]["exploration_noise"] == learning.EXPLORATION_NOISE == 0.1
+    del record["job"]["exploration_noise"]
+    record["final"]["route_completion"] = 43.0  # a marker only a reused record can carry
+    cached.write_text(json.dumps(record))
+    job = learning.Job(**{**record["job"], "exploration_noise": 0.1})
+    assert learning.run_job(job)["final"]["route_completion"] == 43.0
+
+
+def test_exploration_noise_reaches_our_learner(bench, learning, tmp_path, monkeypatch):
+    import pipeline.train.loop as loop
+
+    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json")).read_text())
+    job = learning.Job(**{**record["job"], "exploration_noise": 0.3, "run_dir": str(tmp_path)})
+    seen = []
+
+    def fake_train(config, progress):
+        seen.append(config.exploration_noise)
+        raise KeyboardInterrupt  # stop before any env is built
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    with pytest.raises(KeyboardInterrupt):
+        learning.run_ours(job, learning.make_schedule(job))
+    assert seen == [0.3]
 
 
 def test_the_cpu_preset_is_the_issues_comparison(learning):
