@@ -376,6 +376,20 @@ def _fill_sb3_buffer(buffer, store) -> None:
                        [{"TimeLimit.truncated": truncated}])  # truncation bootstraps, as in ours
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """A pool worker's initializer: end the worker once ``parent_pid`` is gone. A worker whose
+    benchmark was killed (SIGTERM or kill -9) would otherwise train its current run to the end,
+    minutes of both cores for a result nobody collects; its half-written run starts over next time."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_job(job: Job) -> dict:
     """Run (or reuse) one job; returns the run record that goes into the JSON."""
     run_dir = Path(job.run_dir)
@@ -908,7 +922,8 @@ def main(argv=None) -> dict:
             for job in jobs:
                 done(run_job(job))
         else:  # spawn: CUDA and forked torch threads do not mix
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 for record in pool.map(run_job, jobs):
                     done(record)
         throughput = learner_throughput(args, on_cuda) if args.throughput_updates > 0 else []

@@ -6,8 +6,11 @@ one seed, 60 env steps, batch 8) feeds every test below.
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +278,50 @@ def test_the_default_evaluation_period_divides_each_parts_budget(learning):
     for part in learning.parse_args(["--preset", "gpu"]).parts + learning.parse_args(["--preset", "cpu"]).parts:
         warmup = 0 if part["start"] == "offline" else part["warmup"]
         assert (part["budget"] - warmup) % part["eval_every"] == 0, part["name"]
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_pool_workers_end_when_the_benchmark_is_killed(tmp_path):
+    """kill -9 of learning.py must not leave its workers training for minutes with nobody to collect."""
+    command = [sys.executable, str(SCRIPT), "--budget", "100000", "--warmup", "20", "--eval-every", "20",
+               "--batch-size", "8", "--seeds", "0", "1", "--settings", "full", "--variants", "critic",
+               "--starts", "online", "--threads", "1", "--jobs", "2", "--device", "cpu",
+               "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "work" / "runs").glob("*/train"))) < 2:  # both workers are training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert left == []
