@@ -14,8 +14,8 @@ For every setting x start x variant x seed one training run:
 
 Both learners take ``--gradient-steps`` updates every ``--train-freq`` env steps (SB3's meaning),
 the same exploration noise (``--exploration-noise``, 0.1), warm-up, batch size and gamma; their
-learners keep their own defaults otherwise (recorded in the JSON). Every ``--eval-every`` env steps, and with more episodes
-at the end, the deterministic policy is scored by ``pipeline eval``'s own
+learners keep their own defaults otherwise (recorded in the JSON). Every ``--eval-every`` env
+steps, and with more episodes at the end, the deterministic policy is scored by ``pipeline eval``'s own
 :func:`pipeline.eval.runner.evaluate_policy` on fixed seeds 0, 1, ... (the seeds ``pipeline train``
 evaluates on; training episodes and the dataset use other seeds). Route completion is in percent (0-100) everywhere.
 
