@@ -147,7 +147,8 @@ def test_a_finished_run_is_reused(bench, learning):
 def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench, learning, tmp_path, monkeypatch,
                                                                            field, cached_value, value):
     """The CNN's precision is stored resolved (no "default" whose meaning changes between versions),
-    and so are the networks evaluations act with; a cached run that differs in either is not reused."""
+    and so are the networks evaluations act with and the exploration noise; a cached run that
+    differs in any of them is not reused."""
     runs = bench["report"]["runs"]
     assert {r["job"]["bf16"] for r in runs} == {False}  # CPU, no --bf16: fp32, written as such
     assert {r["job"]["deployed"] for r in runs} == {learning.DEPLOYED_POLICY} == {"averaged"}
@@ -188,12 +189,15 @@ def test_exploration_noise_reaches_our_learner(bench, learning, tmp_path, monkey
     job = learning.Job(**{**record["job"], "exploration_noise": 0.3, "run_dir": str(tmp_path)})
     seen = []
 
+    class Stop(Exception):
+        pass
+
     def fake_train(config, progress):
         seen.append(config.exploration_noise)
-        raise KeyboardInterrupt  # stop before any env is built
+        raise Stop  # before any env is built
 
     monkeypatch.setattr(loop, "train", fake_train)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         learning.run_ours(job, learning.make_schedule(job))
     assert seen == [0.3]
 
@@ -280,24 +284,24 @@ def test_the_default_evaluation_period_divides_each_parts_budget(learning):
         assert (part["budget"] - warmup) % part["eval_every"] == 0, part["name"]
 
 
+def _state_and_parent(stat: Path) -> tuple[str, int] | None:
+    """A ``/proc/<pid>/stat`` file's process state and parent pid; None once the process is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def _children(pid: int) -> list[int]:
     """Live (not zombie) processes whose parent is ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (found := _state_and_parent(stat)) is not None and found[0] != "Z" and found[1] == pid]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    found = _state_and_parent(Path(f"/proc/{pid}/stat"))
+    return found is not None and found[0] != "Z"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
