@@ -84,7 +84,8 @@ METRICS = ("route_completion", "episode_return", "length", "driving_score")  # p
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
 # Job fields added after runs were cached, with the value those runs had: an older result.json
 # without the field is still the same job.
-JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE}
+LR, N_STEP = 3e-4, 3  # ours: pipeline train's defaults (actor and critic Adam rate; n-step returns)
+JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE, "lr": LR, "n_step": N_STEP}
 GAMMA = 0.99
 EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
 # What our runs are scored with: the Polyak averages of CNN and actor (AgentPolicy.averaged) since
@@ -114,6 +115,8 @@ class Job:
     online_mix: float
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
     exploration_noise: float  # std of the Gaussian action noise in rollouts (ours and SB3)
+    lr: float  # ours: actor and critic's Adam learning rate
+    n_step: int  # ours: n-step returns
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
     bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
@@ -198,8 +201,8 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_steps=sched.chunk_steps, exploration_noise=job.exploration_noise, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
-        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, encoder_lr=job.encoder_lr,
-        encoder_head=job.encoder_head, bf16=job.bf16,
+        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, lr=job.lr, n_step=job.n_step,
+        encoder_lr=job.encoder_lr, encoder_head=job.encoder_head, bf16=job.bf16,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
@@ -804,6 +807,8 @@ def parse_args(argv=None):
     p.add_argument("--exploration-noise", type=float, default=EXPLORATION_NOISE,
                    help="std of the Gaussian action noise in rollouts, ours and SB3 (default: pipeline train's)")
     p.add_argument("--bc-alpha", type=float, default=0.0, help="TD3+BC alpha for ours (0: plain TD3)")
+    p.add_argument("--lr", type=float, default=LR, help="ours: actor and critic's Adam learning rate")
+    p.add_argument("--n-step", type=int, default=N_STEP, help="ours: n-step returns")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -847,8 +852,10 @@ def parse_args(argv=None):
     args.jobs = args.jobs or 1
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"learning-{args.preset}" if args.preset
                                else REPO / "benchmarks" / "results" / "learning")
-    if not args.encoder_lr > 0:
-        p.error("--encoder-lr must be above 0")
+    if not (args.encoder_lr > 0 and args.lr > 0):
+        p.error("--lr and --encoder-lr must be above 0")
+    if args.n_step < 1:
+        p.error("--n-step must be at least 1")
     if not args.exploration_noise >= 0:
         p.error("--exploration-noise must be 0 or more")
     if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
@@ -896,7 +903,8 @@ def main(argv=None) -> dict:
                     eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
                     exploration_noise=args.exploration_noise,
-                    encoder_lr=args.encoder_lr, encoder_head=args.encoder_head, bf16=bf16,
+                    lr=args.lr, n_step=args.n_step, encoder_lr=args.encoder_lr, encoder_head=args.encoder_head,
+                    bf16=bf16,
                     deployed=DEPLOYED_POLICY,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
@@ -950,7 +958,7 @@ def main(argv=None) -> dict:
         "parts": args.parts,
         "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
-            "ours": "pipeline train: TD3Agent defaults (lr 3e-4, n-step 3, DrQ shift, vector normalisation, "
+            "ours": f"pipeline train: TD3Agent defaults (lr {args.lr}, n-step {args.n_step}, DrQ shift, vector normalisation, "
                     "one shared encoder; channels_last; bf16 CNN on CUDA, on CPU with --bf16 where native)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "

@@ -176,8 +176,10 @@ def _say_lost_servers(events: list[str]) -> None:
               help="Random-action env steps before learning (pure online only).")
 @click.option("--encoder-update", type=click.Choice(["critic", "actor+critic", "frozen"]), default="critic",
               show_default=True, help="Which losses train the CNN (frozen = never: the broken baseline).")
+@click.option("--lr", type=float, default=3e-4, show_default=True,
+              help="Adam learning rate of actor and critic (SB3's TD3 uses 1e-3).")
 @click.option("--encoder-lr", type=float, default=3e-4, show_default=True,
-              help="Adam learning rate of the CNN (DrQ-v2 uses 1e-4); actor and critic keep 3e-4.")
+              help="Adam learning rate of the CNN (DrQ-v2 uses 1e-4).")
 @click.option("--encoder-head", type=click.Choice(["relu", "layernorm"]), default="relu", show_default=True,
               help="The CNN's last layer: relu (Nature DQN) or layernorm (LayerNorm + tanh, as SAC-AE and DrQ).")
 @click.option("--bc-alpha", type=float, default=None,
@@ -207,7 +209,7 @@ def _say_lost_servers(events: list[str]) -> None:
 @camera_option(" Without --data only: a dataset brings its own.")
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise,
-          warmup_steps, encoder_update, encoder_lr, encoder_head, bc_alpha, n_step, gamma, no_augment, replay_memory,
+          warmup_steps, encoder_update, lr, encoder_lr, encoder_head, bc_alpha, n_step, gamma, no_augment, replay_memory,
           online_capacity, device, compile_, bf16, checkpoint_every, eval_every, eval_episodes, log_every, vector_fields,
           traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
@@ -233,7 +235,8 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         online_mix=online_mix, online_every=online_every, online_steps=online_steps,
         exploration_noise=exploration_noise, warmup_steps=warmup_steps, online_capacity=online_capacity,
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update,
-        encoder_lr=encoder_lr, encoder_head=encoder_head, bc_alpha=bc_alpha, augment=not no_augment, device=device,
+        lr=lr, encoder_lr=encoder_lr, encoder_head=encoder_head, bc_alpha=bc_alpha, augment=not no_augment,
+        device=device,
         compile=compile_, bf16=bf16, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
         traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),

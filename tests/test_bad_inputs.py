@@ -110,6 +110,7 @@ ROWS = [
     ("train --data {dir}/a.zarr --n-step 0 --out {new}", ["--n-step"]),
     ("train --data {dir}/a.zarr --gamma 2 --out {new}", ["--gamma"]),
     ("train --data {dir}/a.zarr --encoder-lr 0 --out {new}", ["--encoder-lr", "above 0"]),
+    ("train --data {dir}/a.zarr --lr -1 --out {new}", ["--lr", "above 0"]),
     ("train --data {dir}/a.zarr --online-mix 1.5 --out {new}", ["--online-mix"]),
     ("train --data {dir}/a.zarr --encoder-update sideways --out {new}", ["--encoder-update", "sideways"]),
     ("train --resume", ["--resume", "--out"]),

@@ -143,6 +143,8 @@ def test_a_finished_run_is_reused(bench, learning):
     ("deployed", None, "averaged"),
     ("exploration_noise", 0.1, 0.2),
     ("exploration_noise", None, 0.2),  # cached before the option: it ran with 0.1
+    ("lr", None, 1e-3),  # cached before --lr: 3e-4
+    ("n_step", None, 5),  # cached before --n-step: 3
 ])
 def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench, learning, tmp_path, monkeypatch,
                                                                            field, cached_value, value):
@@ -170,36 +172,41 @@ def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench,
     assert json.loads((run_dir / "result.json").read_text())["job"][field] == value
 
 
-def test_a_run_cached_before_a_job_field_existed_is_reused_with_that_fields_old_value(bench, learning):
-    """result.json files written before --exploration-noise have no such field; they ran with 0.1."""
-    cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
-    record = json.loads(cached.read_text())
-    assert record["job"]["exploration_noise"] == learning.EXPLORATION_NOISE == 0.1
-    del record["job"]["exploration_noise"]
+@pytest.mark.parametrize("field, old_value", [("exploration_noise", 0.1), ("lr", 3e-4), ("n_step", 3)])
+def test_a_run_cached_before_a_job_field_existed_is_reused_with_that_fields_old_value(bench, learning, tmp_path,
+                                                                                      field, old_value):
+    """result.json files written before --exploration-noise, --lr or --n-step have no such field;
+    they ran with pipeline train's defaults of the time."""
+    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json")).read_text())
+    assert record["job"][field] == learning.JOB_FIELDS_ADDED[field] == old_value
+    del record["job"][field]
+    record["job"]["run_dir"] = str(tmp_path)
     record["final"]["route_completion"] = 43.0  # a marker only a reused record can carry
-    cached.write_text(json.dumps(record))
-    job = learning.Job(**{**record["job"], "exploration_noise": 0.1})
+    (tmp_path / "result.json").write_text(json.dumps(record))
+    job = learning.Job(**{**record["job"], field: old_value})
     assert learning.run_job(job)["final"]["route_completion"] == 43.0
 
 
-def test_exploration_noise_reaches_our_learner(bench, learning, tmp_path, monkeypatch):
+@pytest.mark.parametrize("field, value", [("exploration_noise", 0.3), ("lr", 1e-3), ("n_step", 5)])
+def test_exploration_noise_learning_rate_and_n_step_reach_our_learner(bench, learning, tmp_path, monkeypatch,
+                                                                      field, value):
     import pipeline.train.loop as loop
 
     record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json")).read_text())
-    job = learning.Job(**{**record["job"], "exploration_noise": 0.3, "run_dir": str(tmp_path)})
+    job = learning.Job(**{**record["job"], field: value, "run_dir": str(tmp_path)})
     seen = []
 
     class Stop(Exception):
         pass
 
     def fake_train(config, progress):
-        seen.append(config.exploration_noise)
+        seen.append(getattr(config, field))
         raise Stop  # before any env is built
 
     monkeypatch.setattr(loop, "train", fake_train)
     with pytest.raises(Stop):
         learning.run_ours(job, learning.make_schedule(job))
-    assert seen == [0.3]
+    assert seen == [value]
 
 
 def test_the_cpu_preset_is_the_issues_comparison(learning):

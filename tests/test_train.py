@@ -50,16 +50,16 @@ def test_offline_plus_online_run_writes_checkpoints_csv_and_tensorboard(tmp_path
     assert online.obs_spec == TransitionStore(str(expert_store)).obs_spec
 
 
-def test_pure_offline_does_no_rollouts_and_encoder_lr_reaches_the_cnn_only(tmp_path, expert_store):
+def test_pure_offline_does_no_rollouts_and_each_learning_rate_reaches_its_optimisers(tmp_path, expert_store):
     run = tmp_path / "offline"
     result = run_cli("train", "--data", expert_store, "--online-mix", 0, "--bc-alpha", 2.5, "--steps", 4,
-                     "--encoder-lr", 1e-5, "--out", run, *TINY)
+                     "--encoder-lr", 1e-5, "--lr", 1e-3, "--out", run, *TINY)
     assert result.returncode == 0, result.stderr
     assert not (run / "online.zarr").exists()
     assert "rollout/env_steps" not in _rows(run)[-1]
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     lrs = {name: [g["lr"] for g in state[name]["param_groups"]] for name in ("encoder_opt", "actor_opt", "critic_opt")}
-    assert lrs == {"encoder_opt": [1e-5], "actor_opt": [3e-4], "critic_opt": [3e-4]}
+    assert lrs == {"encoder_opt": [1e-5], "actor_opt": [1e-3], "critic_opt": [1e-3]}
 
 
 def test_the_cpu_default_is_an_fp32_cnn_bf16_is_asked_for_and_the_checkpoint_says_so(tmp_path, expert_store):
@@ -188,9 +188,10 @@ def test_a_folder_without_checkpoint_is_reused_and_changed_learner_options_are_r
 
     before = (run / "last.pt").read_bytes()
     line = assert_one_line_error(run_cli("train", "--steps", 4, "--resume", "--bc-alpha", 1.0, "--gamma", 0.9,
-                                         "--encoder-update", "frozen", "--encoder-lr", 1e-4, *common),
+                                         "--encoder-update", "frozen", "--encoder-lr", 1e-4, "--lr", 1e-3, *common),
                                  "--bc-alpha 1.0 (the run has 2.5)", "--gamma 0.9")
     assert "--encoder-update frozen (the run has critic)" in line and "--encoder-lr 0.0001 (the run has 0.0003)" in line
+    assert "--lr 0.001 (the run has 0.0003)" in line
     assert (run / "last.pt").read_bytes() == before
     # options not given take the run's: its --data and --online-mix 0 (the default 0.5 would roll out)
     result = run_cli("train", "--steps", 4, "--resume", "--out", run, "--quiet")

@@ -69,7 +69,8 @@ class TrainConfig:
     n_step: int = 3
     gamma: float = 0.99
     encoder_update: str = "critic"
-    encoder_lr: float = 3e-4  # Adam learning rate of the CNN (actor and critic keep TD3Config's)
+    lr: float = 3e-4  # Adam learning rate of actor and critic
+    encoder_lr: float = 3e-4  # Adam learning rate of the CNN
     encoder_head: str = "relu"  # the CNN's last layer: relu, or layernorm (LayerNorm + tanh)
     bc_alpha: float | None = None  # TD3+BC alpha; None: DATA_BC_ALPHA with --data, else 0
     augment: bool = True
@@ -120,8 +121,9 @@ def validate_train_config(config: TrainConfig) -> None:
         raise PipelineError(f"--online-mix must be within [0, 1], got {config.online_mix}")
     if not 0.0 < config.gamma <= 1.0:
         raise PipelineError(f"--gamma must be in (0, 1], got {config.gamma}")
-    if not config.encoder_lr > 0.0:
-        raise PipelineError(f"--encoder-lr must be above 0, got {config.encoder_lr}")
+    for name, value in {"--lr": config.lr, "--encoder-lr": config.encoder_lr}.items():
+        if not value > 0.0:
+            raise PipelineError(f"{name} must be above 0, got {value}")
     try:
         parse_bytes(config.replay_memory)
     except PipelineError:
@@ -175,7 +177,7 @@ LEARNER_OPTIONS = {
     "data": "--data", "route": "--route", "batch_size": "--batch-size", "online_mix": "--online-mix",
     "online_every": "--online-every", "online_steps": "--online-steps", "exploration_noise": "--exploration-noise",
     "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
-    "gamma": "--gamma", "encoder_update": "--encoder-update",
+    "gamma": "--gamma", "encoder_update": "--encoder-update", "lr": "--lr",
     "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
     "bf16": "--bf16/--no-bf16",  # a resumed run keeps its CNN's precision
@@ -632,7 +634,8 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
 
         worker.run(max(config.warmup_steps, config.batch_size), random_action)
     mean, std = _vector_stats(store, env, warmup_vectors)
-    td3 = TD3Config(encoder_update=config.encoder_update, encoder_lr=config.encoder_lr,
+    td3 = TD3Config(encoder_update=config.encoder_update, actor_lr=config.lr, critic_lr=config.lr,
+                    encoder_lr=config.encoder_lr,
                     encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
                     device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
