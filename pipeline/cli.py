@@ -1,13 +1,15 @@
 """The ``pipeline`` command line. Thin: parses options and calls the stage functions.
 
 Errors a user can fix (:class:`pipeline.errors.PipelineError`) print as one line on stderr and
-exit non-zero; Ctrl-C exits 130 after the stage has saved what it had.
+exit non-zero; Ctrl-C exits 130 after the stage has saved what it had. SIGTERM (``kill``,
+``docker stop``, a batch scheduler's preemption) is handled as Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from datetime import datetime
 
@@ -526,7 +528,12 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
                + "".join(f"  video: {path}" for path in files["videos"].values()))
 
 
+def _interrupt_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # the stages' Ctrl-C paths save what they have; one way to stop, not two
+
+
 def main():
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     # zarr reads concurrently on an asyncio loop; when one read fails (a refused store) the others
     # are abandoned, and asyncio would log "Task was destroyed but it is pending!" at exit under
     # the one-line error. The error itself is what the user needs.

@@ -1,6 +1,7 @@
 """Run the real `pipeline` command line in a subprocess (real exit codes, stderr, signals)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,6 +21,40 @@ def pipeline_cmd(*args: str) -> list[str]:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def _default_stop_signals() -> None:
+    # A shell hands SIG_IGN for SIGINT to what it starts in the background (`nohup pytest &`), and
+    # Python leaves an ignored SIGINT ignored: the child would never see the Ctrl-C a test sends.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_cli(*args: str, new_session: bool = False) -> subprocess.Popen:
+    """``pipeline *args`` running in the background, stdout and stderr piped, for signal tests."""
+    return subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=new_session, preexec_fn=_default_stop_signals)
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """Wait for a started command's (stdout, stderr); one still running after ``timeout`` is killed,
+    so that a failing test leaves nothing behind."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if _leads_own_group(proc):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"`{' '.join(proc.args[2:])}` still ran {timeout:.0f} s after the signal:\n{err}")
+
+
+def _leads_own_group(proc: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

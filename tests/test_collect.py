@@ -13,7 +13,7 @@ import zarr
 from pipeline.datasets.store import TransitionStore
 from pipeline.envs import make_env
 from pipeline.policies import make_policy as make_scripted_policy
-from tests.cli_helpers import assert_one_line_error, cli_env, pipeline_cmd, run_cli
+from tests.cli_helpers import assert_one_line_error, cli_env, finish_cli, pipeline_cmd, run_cli, start_cli
 
 
 def test_collect_records_exactly_what_the_env_produced(tmp_path):
@@ -89,13 +89,14 @@ def test_sigkill_leaves_whole_episodes_and_resume_completes(tmp_path):
     assert sorted(int(s) for s in resumed.episodes["seed"]) == list(range(300))
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["collector", "process-group"])
-def test_ctrl_c_keeps_every_finished_episode(tmp_path, to_group):
-    # a terminal's Ctrl-C reaches the whole process group, the store's writer process included
+@pytest.mark.parametrize("stop, to_group", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "ctrl-c-to-process-group", "sigterm"])
+def test_a_stop_signal_keeps_every_finished_episode(tmp_path, stop, to_group):
+    # a terminal's Ctrl-C reaches the whole process group, the store's writer process included;
+    # `kill` and schedulers send SIGTERM, which collect handles as Ctrl-C
     out = tmp_path / "interrupted.zarr"
-    args = ("collect", "--episodes", 300, "--out", out, "--policy", "random", "--max-steps", 40, "--quiet")
-    proc = subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=to_group)
+    proc = start_cli("collect", "--episodes", 300, "--out", out, "--policy", "random", "--max-steps", 40, "--quiet",
+                     new_session=to_group)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -104,11 +105,12 @@ def test_ctrl_c_keeps_every_finished_episode(tmp_path, to_group):
         except Exception:
             pass
         time.sleep(0.05)
+    assert proc.poll() is None, "collect finished before the signal: " + proc.stderr.read()
     if to_group:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, stop)
     else:
-        proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+        proc.send_signal(stop)
+    stdout, stderr = finish_cli(proc)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     recorded = int(stdout.split("/")[0])  # "N/300 episodes in ...": what the summary says it kept

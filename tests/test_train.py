@@ -5,14 +5,13 @@ import io
 import json
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
 from pipeline.datasets.store import TransitionStore
-from tests.cli_helpers import assert_one_line_error, cli_env, collected_store, pipeline_cmd, run_cli
+from tests.cli_helpers import assert_one_line_error, collected_store, finish_cli, run_cli, start_cli
 
 TINY = ("--batch-size", 8, "--log-every", 2, "--quiet")
 
@@ -91,18 +90,17 @@ def test_resume_continues_the_same_run(tmp_path, expert_store):
     assert state["num_updates"] == 8 and state["loop"]["env_steps"] == 8
 
 
-def test_ctrl_c_writes_a_final_checkpoint(tmp_path, expert_store):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_writes_a_final_checkpoint(tmp_path, expert_store, stop):
     run = tmp_path / "interrupted"
-    args = ("train", "--data", expert_store, "--steps", 100000, "--online-every", 5, "--checkpoint-every", 100000,
-            "--out", run, *TINY)
-    proc = subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_cli("train", "--data", expert_store, "--steps", 100000, "--online-every", 5,
+                     "--checkpoint-every", 100000, "--out", run, *TINY)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.csv").exists():
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    proc.send_signal(stop)
+    out, err = finish_cli(proc)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)

@@ -129,7 +129,10 @@ def _read_episodes(conn, inbox: queue.Queue) -> None:
 
 def _serve(episodes_conn, replies_conn, parent_ends) -> None:
     """The writer process: open the store when told, then commit episodes in order until the end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the collector's to handle
+    # Ctrl-C and SIGTERM are the collector's to handle: it hands over the episodes it has finished,
+    # then ends this process. If the collector dies instead, PR_SET_PDEATHSIG ends it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for conn in parent_ends:  # a forked child holds the collector's ends too: EOF needs them closed
         conn.close()
     _die_with_parent()
