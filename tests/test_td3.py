@@ -1,6 +1,8 @@
 """TD3 learner: gradients reach the CNN (the seed's validation tests), encoder modes, acting,
 targets, TD3+BC, checkpoints and exact resume. CPU, tiny batches of random uint8 images."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -496,6 +498,22 @@ def test_checkpoint_errors_are_one_line_pipeline_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(PipelineError, match="encoder update"):
         TD3Config(encoder_update="sometimes")
+
+
+def test_a_save_interrupted_midway_keeps_the_old_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    agent = make_agent()
+    path = agent.save(tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def interrupted_save(obj, f):  # a second Ctrl-C while the final checkpoint is being written
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        agent.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):

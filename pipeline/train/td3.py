@@ -495,9 +495,11 @@ class TD3Agent:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({**self.state_dict(), **(extra or {})}, tmp)
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:  # a second Ctrl-C during the final save too: no temp file left
             tmp.unlink(missing_ok=True)
-            raise PipelineError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            if isinstance(e, OSError):
+                raise PipelineError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+            raise
         return path
 
     @classmethod
