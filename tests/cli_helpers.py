@@ -23,17 +23,20 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, timeout=timeout, env=cli_env())
 
 
-def _default_stop_signals() -> None:
-    # A shell hands SIG_IGN for SIGINT to what it starts in the background (`nohup pytest &`), and
-    # Python leaves an ignored SIGINT ignored: the child would never see the Ctrl-C a test sends.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _let_children_see_stop_signals() -> None:
+    # A shell hands SIG_IGN for SIGINT to what it starts in the background (`nohup pytest &`), an
+    # ignored signal stays ignored across exec, and Python leaves an ignored SIGINT ignored: the
+    # child would never see the Ctrl-C a test sends. A handled signal is reset to its default at
+    # exec, so handling it here gives children the default (no preexec_fn, which threads make unsafe).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def start_cli(*args: str, new_session: bool = False) -> subprocess.Popen:
     """``pipeline *args`` running in the background, stdout and stderr piped, for signal tests."""
+    _let_children_see_stop_signals()
     return subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=new_session, preexec_fn=_default_stop_signals)
+                            text=True, start_new_session=new_session)
 
 
 def finish_cli(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
