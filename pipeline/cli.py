@@ -528,12 +528,9 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
                + "".join(f"  video: {path}" for path in files["videos"].values()))
 
 
-def _interrupt_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # the stages' Ctrl-C paths save what they have; one way to stop, not two
-
-
 def main():
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    # SIGTERM raises KeyboardInterrupt as Ctrl-C does: the stages' Ctrl-C paths save what they have
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # zarr reads concurrently on an asyncio loop; when one read fails (a refused store) the others
     # are abandoned, and asyncio would log "Task was destroyed but it is pending!" at exit under
     # the one-line error. The error itself is what the user needs.

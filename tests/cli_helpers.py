@@ -23,7 +23,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, timeout=timeout, env=cli_env())
 
 
-def _let_children_see_stop_signals() -> None:
+def _let_children_see_ctrl_c() -> None:
     # A shell hands SIG_IGN for SIGINT to what it starts in the background (`nohup pytest &`), an
     # ignored signal stays ignored across exec, and Python leaves an ignored SIGINT ignored: the
     # child would never see the Ctrl-C a test sends. A handled signal is reset to its default at
@@ -34,7 +34,7 @@ def _let_children_see_stop_signals() -> None:
 
 def start_cli(*args: str, new_session: bool = False) -> subprocess.Popen:
     """``pipeline *args`` running in the background, stdout and stderr piped, for signal tests."""
-    _let_children_see_stop_signals()
+    _let_children_see_ctrl_c()
     return subprocess.Popen(pipeline_cmd(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=new_session)
 
@@ -45,19 +45,9 @@ def finish_cli(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        if _leads_own_group(proc):
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        proc.kill()  # what it started goes with it (the store's writer process: PR_SET_PDEATHSIG)
         _, err = proc.communicate()
         raise AssertionError(f"`{' '.join(proc.args[2:])}` still ran {timeout:.0f} s after the signal:\n{err}")
-
-
-def _leads_own_group(proc: subprocess.Popen) -> bool:
-    try:
-        return os.getpgid(proc.pid) == proc.pid
-    except ProcessLookupError:
-        return False
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
