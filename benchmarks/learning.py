@@ -43,14 +43,17 @@ Outputs default to ``benchmarks/results/learning-<preset>.{json,png,md}``.
     python benchmarks/learning.py --device cpu --threads 1 --budget 2500 --warmup 500 \\
         --train-freq 4 --batch-size 64 --seeds 0 --variants critic frozen sb3 --starts online
 
-Runs live in ``--work-dir`` (a temporary folder unless given). A run whose ``result.json`` is
-there with the same job is not redone, so an interrupted benchmark continues where it stopped.
+Runs live in ``--work-dir`` (a temporary folder unless given), one folder per job
+(``runs/<name>-<hash of its options>``). A run whose ``result.json`` is there with the same job is
+not redone, so an interrupted benchmark continues where it stopped, and runs of other options (an
+``--lr``, a budget) sit beside it in the same work dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -393,14 +396,36 @@ def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def run_job(job: Job) -> dict:
-    """Run (or reuse) one job; returns the run record that goes into the JSON."""
-    run_dir = Path(job.run_dir)
+def cached_result(run_dir: Path, job: Job) -> dict | None:
+    """The record in ``run_dir/result.json`` if it is ``job``'s (every field equal, the run folder
+    aside), else None."""
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        if {**JOB_FIELDS_ADDED, **done.get("job", {})} == dataclasses.asdict(job):
-            return done
+    if not result_path.is_file():
+        return None
+    done = json.loads(result_path.read_text())
+    ours = {**dataclasses.asdict(job), "run_dir": None}
+    return done if {**JOB_FIELDS_ADDED, **done.get("job", {}), "run_dir": None} == ours else None
+
+
+def run_dir_for(job: Job, runs: Path) -> Path:
+    """Where ``job`` runs under ``runs``: ``<name>-<hash of its fields>``, so that jobs that differ
+    only in a field the name leaves out (``--lr``, ``--n-step``, ...) never share a folder and one
+    never deletes the other's finished run. A finished run in the plain ``<name>`` folder (the
+    layout before 2026-12-06) is still found and reused when it is this job's."""
+    legacy = runs / job.name
+    if cached_result(legacy, job) is not None:
+        return legacy
+    fields = {k: v for k, v in dataclasses.asdict(job).items() if k != "run_dir"}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    return runs / f"{job.name}-{key}"
+
+
+def run_job(job: Job) -> dict:
+    """Run (or reuse) one job in ``job.run_dir``; returns the run record that goes into the JSON."""
+    run_dir = Path(job.run_dir)
+    done = cached_result(run_dir, job)
+    if done is not None:
+        return done
     if job.threads:
         import torch
 
@@ -411,7 +436,9 @@ def run_job(job: Job) -> dict:
     record = run_sb3(job, sched) if job.variant.startswith("sb3") else run_ours(job, sched)
     record = {"job": dataclasses.asdict(job), "name": job.name, "setting": job.setting, "start": job.start,
               "variant": job.variant, "seed": job.seed, "warmup": sched.warmup, **record}
-    result_path.write_text(json.dumps(record, indent=1))
+    partial = run_dir / "result.json.partial"  # written whole, then renamed: a kill leaves no half JSON
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(run_dir / "result.json")
     return record
 
 
@@ -913,7 +940,7 @@ def main(argv=None) -> dict:
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")
                 for part in args.parts for v in part["variants"] for seed in args.seeds]
-        jobs = [dataclasses.replace(j, run_dir=str(work / "runs" / j.name)) for j in jobs]
+        jobs = [dataclasses.replace(j, run_dir=str(run_dir_for(j, work / "runs"))) for j in jobs]
         for job in jobs:  # a bad budget fails before any training, and before the work dir exists
             make_schedule(job)
         work.mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,32 @@ def test_markdown_and_png(bench):
 def test_a_finished_run_is_reused(bench, learning):
     """Rerunning with the same --work-dir reads the runs' result.json instead of training again."""
     work = bench["work"]
-    result = next((work / "runs").glob("image-online-critic-seed0/result.json"))
+    result = next((work / "runs").glob("image-online-critic-seed0-*/result.json"))
     record = json.loads(result.read_text())
     record["final"]["route_completion"] = 42.0  # a marker only a reused record can carry
     result.write_text(json.dumps(record))
     job = learning.Job(**record["job"])
     assert learning.run_job(job)["final"]["route_completion"] == 42.0
+
+
+def test_runs_that_differ_only_in_an_option_the_name_leaves_out_keep_their_own_folders(bench, learning, tmp_path):
+    """Two lrs in one work dir: each job gets its own folder, so the second never deletes the first's
+    finished run (before, both were runs/image-online-critic-seed0 and the second trained over it)."""
+    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0-*/result.json")).read_text())
+    job = learning.Job(**{**record["job"], "run_dir": ""})
+    other = learning.dataclasses.replace(job, lr=job.lr * 3)
+    runs = tmp_path / "runs"
+    first, second = learning.run_dir_for(job, runs), learning.run_dir_for(other, runs)
+    assert first != second and first.parent == second.parent == runs
+    assert first.name.startswith(job.name + "-") and second.name.startswith(job.name + "-")
+    assert learning.run_dir_for(job, runs) == first  # the same job finds the same folder again
+    # a finished run in the plain <name> folder of an older work dir is still this job's cache...
+    legacy = runs / job.name
+    legacy.mkdir(parents=True)
+    (legacy / "result.json").write_text(json.dumps({**record, "job": {**record["job"], "run_dir": str(legacy)}}))
+    assert learning.run_dir_for(job, runs) == legacy
+    # ...but not another lr's, which goes to its own folder and leaves the legacy run alone
+    assert learning.run_dir_for(other, runs) == second
 
 
 @pytest.mark.parametrize("field, cached_value, value", [
@@ -154,7 +174,7 @@ def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench,
     runs = bench["report"]["runs"]
     assert {r["job"]["bf16"] for r in runs} == {False}  # CPU, no --bf16: fp32, written as such
     assert {r["job"]["deployed"] for r in runs} == {learning.DEPLOYED_POLICY} == {"averaged"}
-    cached = next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json"))
+    cached = next((bench["work"] / "runs").glob("image-online-critic-seed0-*/result.json"))
     record = json.loads(cached.read_text())
     if cached_value is None and field != "bf16":
         del record["job"][field]
@@ -177,7 +197,7 @@ def test_a_run_cached_before_a_job_field_existed_is_reused_with_that_fields_old_
                                                                                       field, old_value):
     """result.json files written before --exploration-noise, --lr or --n-step have no such field;
     they ran with pipeline train's defaults of the time."""
-    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json")).read_text())
+    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0-*/result.json")).read_text())
     assert record["job"][field] == learning.JOB_FIELDS_ADDED[field] == old_value
     del record["job"][field]
     record["job"]["run_dir"] = str(tmp_path)
@@ -192,7 +212,7 @@ def test_exploration_noise_learning_rate_and_n_step_reach_our_learner(bench, lea
                                                                       field, value):
     import pipeline.train.loop as loop
 
-    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0/result.json")).read_text())
+    record = json.loads(next((bench["work"] / "runs").glob("image-online-critic-seed0-*/result.json")).read_text())
     job = learning.Job(**{**record["job"], field: value, "run_dir": str(tmp_path)})
     seen = []
 
