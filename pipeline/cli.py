@@ -482,17 +482,21 @@ def stats(path, png, bins, as_json, no_verify):
 @click.option("--out", default=None,
               help="Report folder [default: <checkpoint folder>/eval for one checkpoint, else runs/<timestamp>-eval].")
 @click.option("--video", is_flag=True, help="Save the first episode of each policy as MP4 (GIF without ffmpeg).")
+@click.option("--trace", is_flag=True,
+              help="Also write steps.csv: one row per step of every episode (action, reward, speed, route "
+                   "completion, lane offset, gap to the car ahead, infractions), to see where a policy fails.")
 @click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @camera_option(" For --policy; a checkpoint drives with the camera it was trained on.")
 @carla_options
 def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, workers, scheduler, carla_servers, out,
-          video, overwrite, quiet, camera, carla_host, carla_port):
+          video, trace, overwrite, quiet, camera, carla_host, carla_port):
     """Drive policies deterministically on fixed routes and seeds; report driving metrics.
 
     Per episode and in summary: route completion, collisions, off-route events, infractions per km,
     driving score (CARLA Leaderboard 1.0: completion x infraction penalty), return, length, ending.
-    Writes report.json, episodes.csv and summary.png (and videos with --video) into --out.
+    Writes report.json, episodes.csv and summary.png (videos with --video, steps.csv with --trace)
+    into --out.
 
     \b
     Examples:
@@ -500,6 +504,7 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
       pipeline eval --checkpoint runs/a/last.pt --checkpoint runs/b/last.pt --policy expert --video
       pipeline eval --policy expert --policy random --route racetrack --episodes 10 --workers 2
       pipeline eval --checkpoint runs/x/last.pt --route routes_devtest.xml --episodes 1
+      pipeline eval --checkpoint runs/x/last.pt --seed 3 --episodes 1 --video --trace
     """
     from pathlib import Path
 
@@ -516,7 +521,7 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
     config = EvalConfig(
         out=out, policies=tuple(checkpoints) + tuple(policies), routes=tuple(routes) or ("racetrack",),
         episodes=episodes, seed=seed, max_steps=max_steps, traffic=traffic, workers=workers, scheduler=scheduler,
-        video=video, camera=camera, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
+        video=video, trace=trace, camera=camera, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
         carla_servers=_servers(carla_servers),
     )
     report = evaluate(config, progress=not quiet)
@@ -525,7 +530,8 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
     _say_lost_servers(report["server_events"])
     files = report["files"]
     click.echo(f"report: {files['report']}  episodes: {files['episodes_csv']}  plot: {files['summary_png']}"
-               + "".join(f"  video: {path}" for path in files["videos"].values()))
+               + "".join(f"  video: {path}" for path in files["videos"].values())
+               + (f"  steps: {files['steps_csv']}" if "steps_csv" in files else ""))
 
 
 def main():

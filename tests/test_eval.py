@@ -109,7 +109,7 @@ def test_episode_seeds():
 def test_cli_reports_expert_above_random_on_racetrack(tmp_path):
     out = tmp_path / "eval"
     result = run_cli("eval", "--policy", "expert", "--policy", "random", "--route", "racetrack",
-                     "--episodes", 2, "--out", out, "--video")
+                     "--episodes", 2, "--out", out, "--video", "--trace")
     assert result.returncode == 0, result.stderr
     assert "route_done" in result.stdout and "random" in result.stdout  # the terminal table
 
@@ -137,6 +137,38 @@ def test_cli_reports_expert_above_random_on_racetrack(tmp_path):
 
     video = iio.imread(report["files"]["videos"]["expert"], index=None)
     assert len(video) == report["episodes"][0]["length"] + 1  # every observation of the first episode
+    with open(report["files"]["steps_csv"]) as f:  # --trace: one row per step of every episode
+        assert len(list(csv.DictReader(f))) == sum(e["length"] for e in report["episodes"])
+
+
+def test_the_trace_has_one_row_per_step_and_adds_up_to_each_episode(tmp_path):
+    """steps.csv (--trace) agrees with episodes.csv: its rows count the steps, its rewards sum to the
+    return, its collision flags to the collisions, and its last row holds the ending and completion."""
+    config = EvalConfig(out=str(tmp_path / "eval"), policies=("expert", "random"), routes=("racetrack",),
+                        episodes=2, seed=3, traffic=3, trace=True)
+    report = evaluate(config, progress=False)
+    with open(report["files"]["steps_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["policy", "route", "seed", "step"]
+    assert list(rows[0])[3:] == list(runner.TRACE_FIELDS)
+    for episode in report["episodes"]:
+        mine = [r for r in rows if r["policy"] == episode["policy"] and int(r["seed"]) == episode["seed"]]
+        assert [int(r["step"]) for r in mine] == list(range(episode["length"]))
+        assert sum(float(r["reward"]) for r in mine) == pytest.approx(episode["episode_return"], abs=1e-6)
+        assert mine[-1]["termination"] == episode["termination"]
+        assert all(r["termination"] == "" for r in mine[:-1])
+        assert float(mine[-1]["route_completion"]) == pytest.approx(episode["route_completion"])
+        flags = [r["collision"] == "True" for r in mine]
+        assert sum(now and not before for before, now in zip([False] + flags, flags)) == episode["collisions"]
+        assert all(-1.0 <= float(r["steer"]) <= 1.0 and float(r["speed"]) >= 0.0 for r in mine)
+    # seed 3 at traffic 3 puts a car in the expert's lane ahead of it: the gap is traced where there is one
+    expert_gaps = [r["lead_distance_m"] for r in rows if r["policy"] == "expert" and r["seed"] == "3"]
+    assert any(gap == "" for gap in expert_gaps) and any(gap != "" and float(gap) > 0 for gap in expert_gaps)
+
+
+def test_without_trace_there_is_no_steps_file(tmp_path):
+    report = evaluate(EvalConfig(out=str(tmp_path / "eval"), episodes=1), progress=False)
+    assert "steps_csv" not in report["files"] and not (tmp_path / "eval" / "steps.csv").exists()
 
 
 def test_same_policy_route_and_seed_give_identical_results(tmp_path, checkpoint):

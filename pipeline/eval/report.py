@@ -1,4 +1,5 @@
-"""Evaluation outputs: ``report.json``, ``episodes.csv``, ``summary.png``, videos, and the terminal table.
+"""Evaluation outputs: ``report.json``, ``episodes.csv``, ``summary.png``, videos, ``steps.csv``, and the
+terminal table.
 
 All of them read the report dict that :func:`pipeline.eval.runner.evaluate` builds:
 ``summary[label]["overall" | "by_route"][route]`` summaries and one ``episodes`` row per episode.
@@ -48,13 +49,18 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(".pt", "")).strip("_") or "policy"
 
 
-def write_all(report: dict, out: Path, videos: dict[str, tuple[np.ndarray, float]]) -> dict:
+def write_all(report: dict, out: Path, videos: dict[str, tuple[np.ndarray, float]],
+              steps: list[dict] | None = None) -> dict:
     """Write every output into ``out``; ``videos`` maps policy label -> (frames uint8 ``(T, H, W)``,
-    fps). Returns the written paths (what the report's ``files`` entry holds)."""
+    fps); ``steps`` (``--trace``) are the per-step rows of every episode, written to ``steps.csv``.
+    Returns the written paths (what the report's ``files`` entry holds)."""
     files = {"report": str(out / "report.json"), "episodes_csv": str(out / "episodes.csv"),
              "summary_png": str(out / "summary.png"), "videos": {}}
     try:
         write_csv(report["episodes"], out / "episodes.csv")
+        if steps is not None:
+            write_csv(steps, out / "steps.csv")
+            files["steps_csv"] = str(out / "steps.csv")
         plot_summary(report, out / "summary.png")
         short = short_labels(report["summary"])
         for label, (frames, fps) in videos.items():

@@ -5,7 +5,8 @@ Two entry points:
 - :func:`evaluate` is ``pipeline eval``. It checks everything a user can get wrong (routes,
   policies and checkpoints, the simulator server, the output folder) before the first episode and
   before writing anything, runs every (policy, route, seed) episode here or on dask, and writes
-  ``report.json``, ``episodes.csv``, ``summary.png`` and optional videos (:mod:`.report`).
+  ``report.json``, ``episodes.csv``, ``summary.png``, optional videos and an optional per-step
+  ``steps.csv`` (:mod:`.report`).
 - :func:`evaluate_policy` runs an in-memory policy or agent in this process and returns the summary
   dict; the training loop calls it every ``--eval-every`` updates.
 
@@ -24,13 +25,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
 from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
-from pipeline.envs.spec import CAMERAS
+from pipeline.envs.spec import CAMERAS, VECTOR_FIELDS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
 from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
                                    EpisodeTracker, leaderboard_summary, summarize)
@@ -56,6 +58,7 @@ class EvalConfig:
     workers: int = 0  # 0: in this process; N: a local dask cluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
     video: bool = False  # record the first episode of each policy
+    trace: bool = False  # write steps.csv: one row per step of every episode
     simulator: dict = field(default_factory=dict)  # CARLA host/port, used by CARLA routes only
     carla_servers: tuple[tuple[str, int], ...] = ()  # one CARLA server per dask worker (host, port)
     overwrite: bool = False  # replace a report already in ``out``
@@ -74,6 +77,7 @@ class EpisodeTask:
     simulator: tuple[tuple[str, object], ...] = ()
     camera: str | None = None
     record_video: bool = False
+    record_trace: bool = False
 
     @property
     def env_key(self) -> tuple:
@@ -141,27 +145,64 @@ def close_envs() -> None:
     _POLICIES.clear()
 
 
-def drive_episode(env, policy, seed: int, record_video: bool = False) -> tuple[EpisodeMetrics, np.ndarray | None]:
+class EpisodeRun(NamedTuple):
+    """What driving one episode gives: its metrics, and what was asked to be recorded."""
+
+    metrics: EpisodeMetrics
+    frames: np.ndarray | None = None  # uint8 (T + 1, H, W): the newest camera frame of every observation
+    steps: list[dict] | None = None  # one TRACE_FIELDS row per step
+
+
+#: Columns of ``steps.csv`` (``pipeline eval --trace``), one row per step: the action taken, the
+#: step's reward, and the state after it (speed m/s, route completion %, lateral offset m and
+#: heading error rad from the route, distance m to the car ahead in the lane (empty when none), the
+#: infraction flags, and the ending on the last step).
+TRACE_FIELDS = ("step", "steer", "throttle_brake", "reward", "speed", "route_completion", "lateral_offset",
+                "heading_error", "lead_distance_m", "collision", "off_route", "red_light", "stop_sign", "termination")
+_LATERAL, _HEADING = VECTOR_FIELDS.index("lateral_offset"), VECTOR_FIELDS.index("heading_error")
+
+
+def trace_row(step: int, action, reward: float, info: dict) -> dict:
+    """One ``steps.csv`` row (:data:`TRACE_FIELDS`) from a step's action, reward and info."""
+    state = info.get("state_vector")
+    lead = info.get("lead_distance_m")
+    return {
+        "step": step, "steer": float(action[0]), "throttle_brake": float(action[1]), "reward": float(reward),
+        "speed": float(info["speed"]), "route_completion": 100.0 * float(info["route_completion"]),
+        "lateral_offset": None if state is None else float(state[_LATERAL]),
+        "heading_error": None if state is None else float(state[_HEADING]),
+        "lead_distance_m": float(lead) if lead is not None and np.isfinite(lead) else None,
+        "collision": bool(info["collision"]), "off_route": bool(info["off_route"]),
+        "red_light": bool(info.get("red_light", False)), "stop_sign": bool(info.get("stop_sign", False)),
+        "termination": info.get("termination") or "",
+    }
+
+
+def drive_episode(env, policy, seed: int, record_video: bool = False, record_trace: bool = False) -> EpisodeRun:
     """Drive one episode of ``env`` with ``policy`` (``reset(seed)`` + ``act(obs, info)``).
 
-    Returns the episode's metrics and, with ``record_video``, the newest camera frame of every
-    observation, uint8 ``(T + 1, H, W)``."""
+    Returns the episode's metrics, with ``record_video`` the newest camera frame of every
+    observation, and with ``record_trace`` one :func:`trace_row` per step."""
     if hasattr(policy, "reset"):
         policy.reset(seed)
     obs, info = env.reset(seed=int(seed))
     tracker = EpisodeTracker(env.unwrapped.route.name, seed)
     tracker.reset(info)
     frames = [obs["image"][-1]] if record_video else None
+    steps = [] if record_trace else None
     while True:
-        obs, reward, terminated, truncated, info = env.step(policy.act(obs, info))
+        action = policy.act(obs, info)
+        obs, reward, terminated, truncated, info = env.step(action)
         tracker.step(reward, info)
         if frames is not None:
             frames.append(obs["image"][-1])
+        if steps is not None:
+            steps.append(trace_row(len(steps), action, reward, info))
         if terminated or truncated:
-            return tracker.finish(), (np.stack(frames) if frames is not None else None)
+            return EpisodeRun(tracker.finish(), None if frames is None else np.stack(frames), steps)
 
 
-def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
+def run_task(task: EpisodeTask) -> EpisodeRun:
     """Drive one :class:`EpisodeTask` on whatever process runs it."""
     from pipeline.policies import make_policy
 
@@ -169,10 +210,10 @@ def run_task(task: EpisodeTask) -> tuple[EpisodeMetrics, np.ndarray | None]:
     policy_key = (task.policy, task.env_key)
     if policy_key not in _POLICIES:
         _POLICIES[policy_key] = make_policy(task.policy, env)
-    return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video)
+    return drive_episode(env, _POLICIES[policy_key], task.seed, task.record_video, task.record_trace)
 
 
-def run_task_on(task: EpisodeTask, server: dict) -> tuple[EpisodeMetrics, np.ndarray | None]:
+def run_task_on(task: EpisodeTask, server: dict) -> EpisodeRun:
     """:func:`run_task` on one server of ``--carla-servers`` (``server``: host, port, tm_port)."""
     simulator = tuple(sorted({**dict(task.simulator), **server}.items()))
     return run_task(replace(task, simulator=simulator))
@@ -213,7 +254,7 @@ def evaluate_policy(policy, routes=("racetrack",), episodes: int = 1, seed: int 
     for name in ([routes] if isinstance(routes, str) else routes):
         route = get_route(name)
         env = _env_for(route.name, vector_fields, traffic, max_steps, _simulator_options(route, simulator), camera)
-        by_route[route.name] = [drive_episode(env, policy, s)[0] for s in episode_seeds(route, episodes, seed)]
+        by_route[route.name] = [drive_episode(env, policy, s).metrics for s in episode_seeds(route, episodes, seed)]
     summary = summarize([m for ms in by_route.values() for m in ms])
     summary["by_route"] = {name: summarize(ms) for name, ms in by_route.items()}
     return summary
@@ -290,7 +331,7 @@ def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, eve
                             client, servers, tasks, run_task_on, describe=_describe, notify=notify,
                             is_lost_server=lambda exc: isinstance(exc, SimulatorUnavailableError)):
                         results[i] = result
-                        advance(result[0])
+                        advance(result.metrics)
                 finally:
                     with contextlib.suppress(Exception):  # a worker that died has nothing left to close
                         client.run(close_envs)  # every worker hands its server back
@@ -302,11 +343,11 @@ def _run_tasks(tasks: list[EpisodeTask], config: EvalConfig, progress: bool, eve
                 index = {future.key: i for i, future in enumerate(futures)}
                 for future in as_completed(futures):
                     results[index[future.key]] = future.result()
-                    advance(results[index[future.key]][0])
+                    advance(results[index[future.key]].metrics)
         else:
             for i, task in enumerate(tasks):
                 results[i] = run_task(task)
-                advance(results[i][0])
+                advance(results[i].metrics)
     return results
 
 
@@ -407,7 +448,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
                     camera=p["camera"] if p["kind"] == "checkpoint" else config.camera,
                     traffic=config.traffic, max_steps=config.max_steps,
                     simulator=_simulator_options(route, config.simulator),
-                    record_video=config.video and r_index == 0 and s_index == 0))
+                    record_video=config.video and r_index == 0 and s_index == 0, record_trace=config.trace))
     started = time.perf_counter()
     try:
         fps = _check_simulators(tasks, config)
@@ -436,7 +477,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         "episodes": [],
     }
     for p in policies:
-        mine = [m for t, (m, _) in zip(tasks, results) if t.policy == p["label"]]
+        mine = [r.metrics for t, r in zip(tasks, results) if t.policy == p["label"]]
         by_route = {r.name: [m for m in mine if m.route == r.name] for r in routes}
         report["summary"][p["label"]] = {
             "overall": summarize(mine),
@@ -444,6 +485,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             "leaderboard": leaderboard_summary(by_route),
         }
         report["episodes"] += [{"policy": p["label"], **m.to_dict()} for m in mine]
-    videos = {t.policy: (frames, fps[t.route]) for t, (_, frames) in zip(tasks, results) if frames is not None}
-    report["files"] = report_files.write_all(report, out, videos)
+    videos = {t.policy: (r.frames, fps[t.route]) for t, r in zip(tasks, results) if r.frames is not None}
+    steps = [{"policy": t.policy, "route": t.route, "seed": t.seed, **row}
+             for t, r in zip(tasks, results) for row in (r.steps or [])]
+    report["files"] = report_files.write_all(report, out, videos, steps if config.trace else None)
     return report
