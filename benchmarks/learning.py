@@ -410,11 +410,12 @@ def cached_result(run_dir: Path, job: Job) -> dict | None:
 def run_dir_for(job: Job, runs: Path) -> Path:
     """Where ``job`` runs under ``runs``: ``<name>-<hash of its fields>``, so that jobs that differ
     only in a field the name leaves out (``--lr``, ``--n-step``, ...) never share a folder and one
-    never deletes the other's finished run. A finished run in the plain ``<name>`` folder (the
-    layout before 2026-12-06) is still found and reused when it is this job's."""
-    legacy = runs / job.name
-    if cached_result(legacy, job) is not None:
-        return legacy
+    never deletes the other's finished run. A finished run of this job in any ``<name>*`` folder is
+    found first: the plain ``<name>`` of the layout before 2026-12-06, or a hash from before a job
+    field was added (:data:`JOB_FIELDS_ADDED`)."""
+    for folder in sorted(runs.glob(f"{job.name}*")):  # <name>-seed1 also lists seed10..: the job check sorts them
+        if cached_result(folder, job) is not None:
+            return folder
     fields = {k: v for k, v in dataclasses.asdict(job).items() if k != "run_dir"}
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
     return runs / f"{job.name}-{key}"

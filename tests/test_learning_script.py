@@ -155,6 +155,11 @@ def test_runs_that_differ_only_in_an_option_the_name_leaves_out_keep_their_own_f
     assert learning.run_dir_for(job, runs) == legacy
     # ...but not another lr's, which goes to its own folder and leaves the legacy run alone
     assert learning.run_dir_for(other, runs) == second
+    # a finished run under another hash (written before a job field was added) is found too
+    renamed = runs / f"{other.name}-0ldhash0"
+    renamed.mkdir()
+    (renamed / "result.json").write_text(json.dumps({**record, "job": {**record["job"], "lr": other.lr}}))
+    assert learning.run_dir_for(other, runs) == renamed
 
 
 @pytest.mark.parametrize("field, cached_value, value", [
