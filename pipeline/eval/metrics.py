@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.envs.spec import VECTOR_FIELDS
+
 #: Leaderboard 1.0 penalty factor per infraction event, keyed by the :class:`EpisodeMetrics` count.
 PENALTY: dict[str, float] = {
     "collisions_pedestrian": 0.50,
@@ -65,6 +67,8 @@ INFRACTION_COUNTS: tuple[str, ...] = tuple(PENALTY) + ("off_route_events",)
 #: Half a lane: the embedded racetrack's lanes are 5 m wide. Beyond it the ego's centre is over the
 #: lane marking, i.e. outside the route's lane.
 LANE_HALF_WIDTH_M = 2.5
+#: Where the lateral offset (m) and heading error (rad) from the route sit in ``info["state_vector"]``.
+LATERAL_INDEX, HEADING_INDEX = VECTOR_FIELDS.index("lateral_offset"), VECTOR_FIELDS.index("heading_error")
 MIN_KM = 0.001
 
 
@@ -170,7 +174,7 @@ class EpisodeTracker:
         if self._rising("off_route", off_route):
             self._counts["off_route_events"] += 1
         state = info.get("state_vector")
-        lateral = abs(float(state[1])) if state is not None else 0.0
+        lateral = abs(float(state[LATERAL_INDEX])) if state is not None else 0.0
         if off_route or lateral > self.lane_half_width:
             self._off_steps += 1
         self._last = info

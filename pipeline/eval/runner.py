@@ -32,10 +32,10 @@ import numpy as np
 from pipeline import __version__
 from pipeline.cluster import dask_client, local_workers_for, probe_servers, run_on_servers
 from pipeline.envs import Route, carla_render_fps, get_route, list_routes, make_env, resolve_routes
-from pipeline.envs.spec import CAMERAS, VECTOR_FIELDS
+from pipeline.envs.spec import CAMERAS
 from pipeline.errors import PipelineError, SimulatorUnavailableError
-from pipeline.eval.metrics import (LANE_HALF_WIDTH_M, LEADERBOARD_INFRACTIONS, MIN_KM, PENALTY, EpisodeMetrics,
-                                   EpisodeTracker, leaderboard_summary, summarize)
+from pipeline.eval.metrics import (HEADING_INDEX, LANE_HALF_WIDTH_M, LATERAL_INDEX, LEADERBOARD_INFRACTIONS, MIN_KM,
+                                   PENALTY, EpisodeMetrics, EpisodeTracker, leaderboard_summary, summarize)
 from pipeline.policies import SCRIPTED_POLICIES
 from pipeline.progress import ProgressBar
 
@@ -159,7 +159,6 @@ class EpisodeRun(NamedTuple):
 #: infraction flags, and the ending on the last step).
 TRACE_FIELDS = ("step", "steer", "throttle_brake", "reward", "speed", "route_completion", "lateral_offset",
                 "heading_error", "lead_distance_m", "collision", "off_route", "red_light", "stop_sign", "termination")
-_LATERAL, _HEADING = VECTOR_FIELDS.index("lateral_offset"), VECTOR_FIELDS.index("heading_error")
 
 
 def trace_row(step: int, action, reward: float, info: dict) -> dict:
@@ -169,8 +168,8 @@ def trace_row(step: int, action, reward: float, info: dict) -> dict:
     return {
         "step": step, "steer": float(action[0]), "throttle_brake": float(action[1]), "reward": float(reward),
         "speed": float(info["speed"]), "route_completion": 100.0 * float(info["route_completion"]),
-        "lateral_offset": None if state is None else float(state[_LATERAL]),
-        "heading_error": None if state is None else float(state[_HEADING]),
+        "lateral_offset": None if state is None else float(state[LATERAL_INDEX]),
+        "heading_error": None if state is None else float(state[HEADING_INDEX]),
         "lead_distance_m": float(lead) if lead is not None and np.isfinite(lead) else None,
         "collision": bool(info["collision"]), "off_route": bool(info["off_route"]),
         "red_light": bool(info.get("red_light", False)), "stop_sign": bool(info.get("stop_sign", False)),
@@ -487,6 +486,6 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
         report["episodes"] += [{"policy": p["label"], **m.to_dict()} for m in mine]
     videos = {t.policy: (r.frames, fps[t.route]) for t, r in zip(tasks, results) if r.frames is not None}
     steps = [{"policy": t.policy, "route": t.route, "seed": t.seed, **row}
-             for t, r in zip(tasks, results) for row in (r.steps or [])]
-    report["files"] = report_files.write_all(report, out, videos, steps if config.trace else None)
+             for t, r in zip(tasks, results) for row in r.steps] if config.trace else None
+    report["files"] = report_files.write_all(report, out, videos, steps)
     return report
