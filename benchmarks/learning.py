@@ -461,11 +461,12 @@ def expert_dataset(path: Path, args, setting: str) -> dict:
                            noise=args.dataset_noise, seed=args.dataset_seed, mode="append",
                            **setting_env(setting, args.traffic))
     summary = collect(config, progress=False)
-    store = TransitionStore(str(path))
-    recorded = summary["episodes_recorded"]  # 0 when the store was complete already: no means then
-    return {"episodes": store.num_episodes, "transitions": store.num_transitions, "policy": "expert",
+    stored = TransitionStore(str(path)).summary()  # every episode, whether recorded now or before
+    recorded = summary["episodes_recorded"]  # 0 when the store was complete already
+    return {"episodes": stored["episodes"], "transitions": stored["transitions"], "policy": "expert",
             "noise": args.dataset_noise, "episodes_recorded_now": recorded,
-            "mean_return": summary["mean_return"] if recorded else None,
+            "mean_return": stored["return_mean"], "terminations": stored["terminations"],
+            # the store keeps no route completion per episode: known only for episodes recorded now
             "mean_route_completion": 100.0 * summary["mean_route_completion"] if recorded else None}
 
 

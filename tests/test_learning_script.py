@@ -67,6 +67,17 @@ def test_every_run_gets_the_same_env_steps_and_updates(bench):
     assert dataset["episodes"] == 1 and dataset["transitions"] > 0
 
 
+def test_a_dataset_already_on_disk_is_described_from_the_store(bench, learning):
+    """A rerun records no episode, and the report still gives the stored episodes' mean return."""
+    first = bench["report"]["datasets"]["image"]
+    args = learning.parse_args([*TINY, "--work-dir", str(bench["work"])])
+    again = learning.expert_dataset(bench["work"] / "datasets" / "image.zarr", args, "image")
+    assert first["episodes_recorded_now"] == 1 and again["episodes_recorded_now"] == 0
+    assert again["episodes"] == first["episodes"] and again["transitions"] == first["transitions"]
+    assert again["mean_return"] == pytest.approx(first["mean_return"])
+    assert sum(again["terminations"].values()) == 1 and again["mean_route_completion"] is None
+
+
 def test_the_image_setting_hides_the_road_from_the_vector(bench):
     report = bench["report"]
     assert report["settings"]["image"] == {"vector_fields": "speed", "traffic": 3}
