@@ -252,7 +252,7 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
     args = learning.parse_args(["--preset", "cpu"])
     parts = {p["name"]: p for p in args.parts}
     assert (parts["a"]["setting"], parts["a"]["start"]) == ("image", "offline")
-    assert set(parts["a"]["variants"]) == {"critic", "frozen", "actor+critic"}
+    assert set(parts["a"]["variants"]) == {"critic", "frozen", "actor+critic"} and parts["a"]["budget"] == 6_000
     assert (parts["b"]["setting"], parts["b"]["start"], parts["b"]["budget"]) == ("full", "online", 4_000)
     assert set(parts["b"]["variants"]) == {"critic", "sb3", "sb3-mlp"}
     # ours learns (b) with actor/critic lr 1e-3 (a screen on held-out seeds chose it); (a), (c) keep 3e-4
@@ -275,12 +275,15 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
 
 
 def test_the_traffic8_preset_is_part_a_with_eight_cars(learning):
-    """Everything as the cpu preset's part (a), but 8 other cars and end-to-end vs frozen only: its
-    runs are the ones behind learning-cpu-a-traffic8-10seeds.md (same jobs, so the same cache)."""
+    """Everything as the cpu preset's part (a), but 8 other cars, end-to-end vs frozen only, and
+    3,000 updates (the cpu preset's part (a) moved to 6,000 on 2026-12-06): its runs are the ones
+    behind learning-cpu-a-traffic8-10seeds.md (same jobs, so the same cache)."""
     cpu, t8 = learning.parse_args(["--preset", "cpu"]), learning.parse_args(["--preset", "cpu-traffic8"])
     (part,) = t8.parts
     a = next(p for p in cpu.parts if p["name"] == "a")
-    assert {k: v for k, v in part.items() if k != "variants"} == {k: v for k, v in a.items() if k != "variants"}
+    own = ("variants", "budget")
+    assert {k: v for k, v in part.items() if k not in own} == {k: v for k, v in a.items() if k not in own}
+    assert (part["budget"], a["budget"]) == (3_000, 6_000)
     assert part["variants"] == ["critic", "frozen"] and (cpu.traffic, t8.traffic) == (3, 8)
     others = ("parts", "traffic", "out", "preset")
     assert ({k: v for k, v in vars(t8).items() if k not in others}
