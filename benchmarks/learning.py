@@ -772,7 +772,8 @@ PRESETS = {
                         gradient_steps=1, eval_episodes=3, final_episodes=5, traffic=3, online_mix=0.5,
                         dataset_episodes=60, dataset_noise=0.1, route="racetrack"),
         "parts": [  # longest runs first, so the two slots finish together
-            # 6,000 updates (3,000 until 2026-12-06): over training seeds 3-12 on held-out evaluation
+            # 6,000 updates (1,500 until 2026-12-04, 3,000 until 2026-12-06, as `pipeline train` on a
+            # CPU; learning-cpu-2026-12-06-3k.md): over training seeds 3-12 on held-out evaluation
             # seeds the trained CNN gained 10 points from 3k to 6k (87.5 -> 97.4%), the frozen one 7
             # (learning-cpu-ablations.md, session 18). Its runs are now the longest, so they go first.
             dict(name="a", setting="image", start="offline", variants=["critic", "actor+critic", "frozen"],
@@ -786,7 +787,8 @@ PRESETS = {
                  budget=2_500, warmup=500, eval_every=500),
         ],
     },
-    # Part (a) with 8 other cars, end-to-end vs frozen only: where the seed's claim shows on a CPU
+    # Part (a) with 8 other cars, end-to-end vs frozen only, at 3,000 updates (the budget of its recorded
+    # runs; the cpu preset's part (a) has 6,000 since 2026-12-06): where the seed's claim shows on a CPU
     # (learning-cpu-a-traffic8-10seeds.md: driving score 68.1 vs 29.6 over 10 seeds). Not the
     # issue's setting (3 cars); 15 min for 3 seeds with the dataset, two runs side by side.
     "cpu-traffic8": {
