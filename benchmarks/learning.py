@@ -15,9 +15,12 @@ For every setting x start x variant x seed one training run:
 Both learners take ``--gradient-steps`` updates every ``--train-freq`` env steps (SB3's meaning),
 the same exploration noise (``--exploration-noise``, 0.1), warm-up, batch size and gamma; their
 learners keep their own defaults otherwise (recorded in the JSON). Every ``--eval-every`` env
-steps, and with more episodes at the end, the deterministic policy is scored by ``pipeline eval``'s own
-:func:`pipeline.eval.runner.evaluate_policy` on fixed seeds 0, 1, ... (the seeds ``pipeline train``
-evaluates on; training episodes and the dataset use other seeds). Route completion is in percent (0-100) everywhere.
+steps the deterministic policy is scored by ``pipeline eval``'s own
+:func:`pipeline.eval.runner.evaluate_policy` on fixed validation seeds 1000, 1001, ... (``--eval-seed``:
+where ``pipeline train`` evaluates and picks ``best.pt``); at the end it is tested with more episodes
+on fixed seeds 0, 1, ... (``pipeline eval``'s), our runs both as ``last.pt`` and as ``best.pt``.
+Training episodes and the dataset use other seeds (pipeline/eval/seeds.py). Route completion is in
+percent (0-100) everywhere.
 
 Outputs, next to each other: ``<out>.json`` (hardware, config, every run's curve and final scores,
 mean/std over seeds, the issue's targets with their measured figures), ``<out>.png`` (route
@@ -77,6 +80,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(REPO))
 
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.eval.seeds import VALIDATION_SEED  # noqa: E402
 from pipeline.policies import AgentPolicy  # noqa: E402
 
 FORMAT, FORMAT_VERSION = "pipeline.learning-benchmark", 1
@@ -88,9 +92,13 @@ EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian act
 # Job fields added after runs were cached, with the value those runs had: an older result.json
 # without the field is still the same job.
 LR, N_STEP = 3e-4, 3  # ours: pipeline train's defaults (actor and critic Adam rate; n-step returns)
-JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE, "lr": LR, "n_step": N_STEP}
+# (The curves were evaluated on seeds 0, 1, ... until 2026-12-06, session 20: eval_seed 0.)
+JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE, "lr": LR, "n_step": N_STEP, "eval_seed": 0}
 GAMMA = 0.99
-EVAL_SEED = 0  # pipeline train's periodic evaluation uses seeds 0, 1, ...; so does everything here
+# The final test of every run, ours and SB3's: seeds 0, 1, ... (pipeline eval's, the routes' own).
+# The curves are evaluated on validation seeds (--eval-seed, VALIDATION_SEED and up), where
+# pipeline train also picks best.pt, so that the choice never sees the test.
+EVAL_SEED = 0
 # What our runs are scored with: the Polyak averages of CNN and actor (AgentPolicy.averaged) since
 # 968c5b5, the online networks before. Part of each job, so of its cache key.
 DEPLOYED_POLICY = "averaged" if AgentPolicy.averaged else "online"
@@ -114,6 +122,7 @@ class Job:
     batch_size: int
     eval_every: int  # env steps between evaluations
     eval_episodes: int
+    eval_seed: int  # the curves' first (validation) seed; the final test uses EVAL_SEED and up
     final_episodes: int
     online_mix: float
     bc_alpha: float  # TD3+BC weight (ours only; 0: plain TD3)
@@ -204,17 +213,21 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_steps=sched.chunk_steps, exploration_noise=job.exploration_noise, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
-        eval_episodes=job.eval_episodes, log_every=eval_updates, bc_alpha=job.bc_alpha, lr=job.lr, n_step=job.n_step,
+        eval_episodes=job.eval_episodes, eval_seed=job.eval_seed, log_every=eval_updates, bc_alpha=job.bc_alpha, lr=job.lr, n_step=job.n_step,
         encoder_lr=job.encoder_lr, encoder_head=job.encoder_head, bf16=job.bf16,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
     wall = time.perf_counter() - started
     curve = _curve_from_metrics_csv(Path(config.out) / "metrics.csv")
-    agent = load_agent(summary["checkpoint"], device=job.device)
-    final = evaluate_policy(agent, [job.route], episodes=job.final_episodes, seed=EVAL_SEED)
+    final, final_best = (
+        _scores(evaluate_policy(load_agent(path, device=job.device), [job.route], episodes=job.final_episodes,
+                                seed=EVAL_SEED))
+        for path in (summary["checkpoint"], summary["best_checkpoint"]))
     return {"updates": summary["updates"], "env_steps": summary["env_steps"], "wall_s": wall,
-            "updates_per_s": summary["updates"] / wall, "curve": curve, "final": _scores(final),
+            "updates_per_s": summary["updates"] / wall, "curve": curve, "final": final,
+            # best.pt: the curve point that scored best on the validation seeds, tested like last.pt
+            "final_best": final_best, "best_updates": summary["best"]["update"],
             "checkpoint": summary["checkpoint"]}
 
 
@@ -294,7 +307,7 @@ def _sb3_callback(job: Job, sched: Schedule, policy: SB3Policy, curve: list[dict
             while self.pending and self.num_timesteps >= self.pending[0]:
                 self.pending.pop(0)
                 wall = time.perf_counter() - self.started  # before this evaluation, as ours logs it
-                summary = evaluate_policy(policy, [job.route], episodes=job.eval_episodes, seed=EVAL_SEED)
+                summary = evaluate_policy(policy, [job.route], episodes=job.eval_episodes, seed=job.eval_seed)
                 point = {"env_steps": self.num_timesteps, "updates": self.model._n_updates, "wall_s": wall,
                          **{m: summary[m] for m in METRICS}}
                 if self.returns:  # same window as our loop's recent_returns
@@ -553,11 +566,14 @@ def aggregate(runs: list[dict]) -> dict:
             "final": {m: _stats([r["final"][m] for r in members]) for m in METRICS},
             "curve": curve,
         }
+        if all("final_best" in r for r in members):  # ours since session 20; SB3 keeps its last model
+            out[key]["final_best"] = {m: _stats([r["final_best"][m] for r in members]) for m in METRICS}
     return out
 
 
-def _final(summary: dict, key: str, metric: str) -> float | None:
-    return summary[key]["final"][metric]["mean"] if key in summary else None
+def _final(summary: dict, key: str, metric: str, checkpoint: str = "final") -> float | None:
+    """The mean final test score; ``checkpoint="final_best"``: best.pt's (None where not run)."""
+    return summary[key][checkpoint][metric]["mean"] if checkpoint in summary.get(key, {}) else None
 
 
 def _first_reaching(curve: list[dict], level: float) -> int | None:
@@ -568,25 +584,28 @@ def targets(summary: dict, runs: list[dict], throughput: list[dict], on_cuda: bo
             reach_within: int = 4_000) -> list[dict]:
     """The issue's targets, each with the measured figures and ``passed`` (None: not measured here).
 
-    (a) image / offline: end-to-end (critic) >= 80% route completion and >= 2x frozen's;
+    (a) image / offline: end-to-end (critic) >= 80% route completion and >= 2x frozen's, for last.pt
+        and, beside it, for best.pt (picked on the validation seeds; tested on the same seeds);
     (b) full / online: every seed of ours >= 90% route completion at an evaluation within
         ``reach_within`` env steps, and ours >= SB3 TD3 at the same env steps;
     (c) image / online: end-to-end episode length >= 4x frozen's (the seed note's claim)."""
     rows = []
 
-    def ratio_target(name, setting, start, metric, need):
-        a, b = (_final(summary, f"{setting}/{start}/{v}", metric) for v in ("critic", "frozen"))
+    def ratio_target(name, setting, start, metric, need, checkpoint="final"):
+        a, b = (_final(summary, f"{setting}/{start}/{v}", metric, checkpoint) for v in ("critic", "frozen"))
         if a is None or b is None:
             return  # not both run
         ratio = a / b if b else None  # frozen at 0: no ratio, any progress passes
         rows.append({"target": name, "setting": setting, "start": start, "critic": a, "frozen": b,
                      "ratio": ratio, "need": need, "passed": ratio >= need if ratio is not None else a > 0})
 
-    ours_a = _final(summary, "image/offline/critic", "route_completion")
-    if ours_a is not None:
-        rows.append({"target": "end-to-end (critic) route completion >= 80%", "setting": "image", "start": "offline",
-                     "critic": ours_a, "need": 80.0, "passed": ours_a >= 80.0})
-    ratio_target("end-to-end (critic) route completion >= 2x frozen", "image", "offline", "route_completion", 2.0)
+    for checkpoint, which in (("final", ""), ("final_best", " (best.pt, picked on the validation seeds)")):
+        ours_a = _final(summary, "image/offline/critic", "route_completion", checkpoint)
+        if ours_a is not None:
+            rows.append({"target": f"end-to-end (critic) route completion >= 80%{which}", "setting": "image",
+                         "start": "offline", "critic": ours_a, "need": 80.0, "passed": ours_a >= 80.0})
+        ratio_target(f"end-to-end (critic) route completion >= 2x frozen{which}", "image", "offline",
+                     "route_completion", 2.0, checkpoint)
     ratio_target("end-to-end (critic) episode length >= 4x frozen", "image", "online", "length", 4.0)
     full_ours = [r for r in runs if (r["setting"], r["start"], r["variant"]) == ("full", "online", "critic")]
     if full_ours:
@@ -680,6 +699,10 @@ def cnn_precision(hw: dict, asked: bool | None) -> str:
     return "bf16" if wanted and hw["native_bf16"] else "fp32"
 
 
+def _seed_range(first: int, count: int) -> str:
+    return f"{first}..{first + count - 1}"
+
+
 def markdown(report: dict) -> str:
     hw, cfg = report["hardware"], report["config"]
     scored_with = {"averaged": "the Polyak averages of their CNN and actor", "online": "their online CNN and actor"}
@@ -693,9 +716,10 @@ def markdown(report: dict) -> str:
         f"torch {hw['torch']}, SB3 {hw['stable_baselines3']}; our CNN in "
         f"{cnn_precision(hw, cfg.get('bf16'))}.",
         f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
-        f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed seeds "
-        f"({EVAL_SEED}..{EVAL_SEED + cfg['eval_episodes'] - 1}) along the way and {cfg['final_episodes']} at the end "
-        f"({EVAL_SEED}..{EVAL_SEED + cfg['final_episodes'] - 1}). Image setting: vector = speed only, traffic "
+        f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed validation seeds "
+        f"({_seed_range(cfg.get('eval_seed', EVAL_SEED), cfg['eval_episodes'])}) along the way, where `best.pt` is "
+        f"picked, and a test of {cfg['final_episodes']} fixed seeds at the end "
+        f"({_seed_range(EVAL_SEED, cfg['final_episodes'])}). Image setting: vector = speed only, traffic "
         f"{cfg['traffic']}. Our agents are scored with {scored_with}. Training runs took "
         f"{report['runs_wall_s'] / 60:.1f} min of run time in all; this "
         f"invocation {report['wall_s'] / 60:.1f} min of wall time.",
@@ -709,26 +733,30 @@ def markdown(report: dict) -> str:
                      f"{part['eval_every']} | {part['bc_alpha']:g} | {part.get('lr', LR):g} |")
     lines += [
         "",
-        "Final evaluation, mean ± std over seeds:",
+        "Final test of the last policy (`last.pt`), mean ± std over seeds; ours also with `best.pt` (the curve "
+        "point that scored best on the validation seeds), tested on the same seeds:",
         "",
         "| setting | start | variant | seeds | env steps | updates | route completion % | driving score | return "
-        "| episode length | updates/s (whole run) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| episode length | updates/s (whole run) | best.pt: route completion % | best.pt: driving score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in report["summary"].values():
-        f = g["final"]
+        f, b = g["final"], g.get("final_best")
         lines.append(f"| {g['setting']} | {g['start']} | {g['variant']} | {len(g['seeds'])} | "
                      f"{g['env_steps']['mean']:.0f} | {g['updates']['mean']:.0f} | {_pm(f['route_completion'])} | "
                      f"{_pm(f['driving_score'])} | {_pm(f['episode_return'], 2)} | {_pm(f['length'])} | "
-                     f"{g['updates_per_s']['mean']:.2f} |")
-    lines += ["", "Every seed (final evaluation; the curve's route completion at each evaluation point):", "",
-              "| run | route completion % | episode length | return | wall min | curve: env steps -> route completion % |",
-              "|---|---|---|---|---|---|"]
+                     f"{g['updates_per_s']['mean']:.2f} | {_pm(b['route_completion']) if b else '—'} | "
+                     f"{_pm(b['driving_score']) if b else '—'} |")
+    lines += ["", "Every seed (final test; the curve's route completion on the validation seeds at each point):", "",
+              "| run | route completion % | episode length | return | best.pt: route completion % (its updates) "
+              "| wall min | curve: env steps -> route completion % |",
+              "|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
-        f = run["final"]
+        f, b = run["final"], run.get("final_best")
         curve = ", ".join(f"{p['env_steps']}: {p['route_completion']:.0f}" for p in run["curve"])
+        best = f"{b['route_completion']:.1f} ({run['best_updates']})" if b else "—"
         lines.append(f"| {run['name']} | {f['route_completion']:.1f} | {f['length']:.0f} | {f['episode_return']:.2f} | "
-                     f"{run['wall_s'] / 60:.1f} | {curve} |")
+                     f"{best} | {run['wall_s'] / 60:.1f} | {curve} |")
     lines += ["", "Targets from the issue:", "",
               "| target | where | measured | passed |", "|---|---|---|---|"]
     for t in report["targets"]:
@@ -764,7 +792,8 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The issue's comparison (#13) as presets: shared options, then parts, each one (setting, start)
-# with its variants and budget. Evaluation seeds are fixed (0, 1, ...) and the same for every part.
+# with its variants and budget. Evaluation seeds are fixed and the same for every part: validation
+# seeds 1000.. along the way (0.. until session 20), the test on 0.. at the end.
 PRESETS = {
     # 2 cores: two runs side by side, one torch thread each; <= 90 min in all.
     "cpu": {
@@ -851,7 +880,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps; the budget after warm-up must be whole periods (default: about a 20th of it, "
                         "a multiple of --train-freq that divides it)")
-    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--eval-episodes", type=int, default=5, help="episodes per curve point (validation seeds)")
+    p.add_argument("--eval-seed", type=int, default=VALIDATION_SEED,
+                   help="first validation seed of the curves, where best.pt is picked (the final test: 0 and up)")
     p.add_argument("--final-episodes", type=int, default=10)
     p.add_argument("--dataset-episodes", type=int, default=20)
     p.add_argument("--dataset-noise", type=float, default=0.2)
@@ -935,7 +966,7 @@ def main(argv=None) -> dict:
         jobs = [Job(setting=part["setting"], start=part["start"], variant=v, seed=seed, route=args.route,
                     **setting_env(part["setting"], args.traffic), budget=part["budget"], warmup=part["warmup"],
                     train_freq=args.train_freq, gradient_steps=args.gradient_steps, batch_size=args.batch_size,
-                    eval_every=part["eval_every"], eval_episodes=args.eval_episodes,
+                    eval_every=part["eval_every"], eval_episodes=args.eval_episodes, eval_seed=args.eval_seed,
                     final_episodes=args.final_episodes, online_mix=args.online_mix, bc_alpha=part["bc_alpha"],
                     lr=part["lr"],
                     exploration_noise=args.exploration_noise,

@@ -17,6 +17,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.eval.seeds import VALIDATION_SEED
 
 
 def _default_run_name(suffix: str = "") -> str:
@@ -197,8 +198,12 @@ def _say_lost_servers(events: list[str]) -> None:
               help="The CNN in bf16 [default: on CUDA; on CPU fp32, --bf16 takes bf16 where the CPU has "
                    "AVX512-BF16/AMX: faster, but fewer seeds learned the quick start].")
 @click.option("--checkpoint-every", type=int, default=10_000, show_default=True)
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every M updates; 0 = never.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Evaluate every M updates on the validation seeds and keep the best policy in best.pt; 0 = never.")
 @click.option("--eval-episodes", type=int, default=2, show_default=True)
+@click.option("--eval-seed", type=int, default=VALIDATION_SEED, show_default=True,
+              help="First validation seed of --eval-every; kept apart from `pipeline eval`'s seeds (0, 1, ...) "
+                   "so that choosing best.pt does not see the test.")
 @click.option("--log-every", type=int, default=100, show_default=True)
 @click.option("--vector-fields", default=None, help="Without --data: vector fields, e.g. 'speed'.")
 @click.option("--traffic", type=int, default=None, help="Without --data: other vehicles.")
@@ -212,8 +217,8 @@ def _say_lost_servers(events: list[str]) -> None:
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise,
           warmup_steps, encoder_update, lr, encoder_lr, encoder_head, bc_alpha, n_step, gamma, no_augment, replay_memory,
-          online_capacity, device, compile_, bf16, checkpoint_every, eval_every, eval_episodes, log_every, vector_fields,
-          traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
+          online_capacity, device, compile_, bf16, checkpoint_every, eval_every, eval_episodes, eval_seed, log_every,
+          vector_fields, traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
     \b
@@ -240,8 +245,8 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         lr=lr, encoder_lr=encoder_lr, encoder_head=encoder_head, bc_alpha=bc_alpha, augment=not no_augment,
         device=device,
         compile=compile_, bf16=bf16, seed=seed, checkpoint_every=checkpoint_every,
-        eval_every=eval_every, eval_episodes=eval_episodes, log_every=log_every, vector_fields=vector_fields,
-        traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
+        eval_every=eval_every, eval_episodes=eval_episodes, eval_seed=eval_seed, log_every=log_every,
+        vector_fields=vector_fields, traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
         verify=not no_verify,
     )
     summary = run_train(config, progress=not quiet)
@@ -252,6 +257,10 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         + (f", recent return {recent:.2f}" if recent is not None else "")
         + f"; checkpoint {summary['checkpoint']}"
     )
+    best = summary["best"]
+    if best is not None:
+        click.echo(f"best on the validation seeds: {summary['best_checkpoint']} (update {best['update']}, "
+                   f"route completion {best['route_completion']:.1f}%, driving score {best['driving_score']:.1f})")
     if summary["interrupted"]:
         click.echo(f"interrupted: saved {summary['checkpoint']}; continue with --resume --out {summary['out']}",
                    err=True)

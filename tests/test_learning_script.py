@@ -115,6 +115,30 @@ def test_summary_and_targets_are_computed_from_the_runs(bench):
     assert {t["variant"] for t in reach} == set(VARIANTS) - {"sb3-mlp"}
 
 
+def test_our_runs_are_also_tested_with_the_checkpoint_picked_on_the_validation_seeds(bench):
+    """The curves are evaluated on the validation seeds; best.pt is the best point there (route
+    completion, then driving score, a tie to the later) and gets the same final test as last.pt."""
+    from pipeline.eval.seeds import VALIDATION_SEED
+
+    report = bench["report"]
+    for run in report["runs"]:
+        assert run["job"]["eval_seed"] == VALIDATION_SEED
+        if run["variant"].startswith("sb3"):  # SB3 keeps its last model only
+            assert "final_best" not in run
+            continue
+        score = {p["updates"]: (p["route_completion"], p["driving_score"]) for p in run["curve"]}
+        top = max(score.values())
+        assert run["best_updates"] == max(u for u, s in score.items() if s == top)
+        assert run["final_best"]["episodes"] == run["final"]["episodes"] == 1
+        if run["best_updates"] == run["updates"]:  # the last policy was the best one: the same test
+            assert run["final_best"]["route_completion"] == run["final"]["route_completion"]
+    best_targets = [t for t in report["targets"] if "best.pt" in t["target"]]
+    assert len(best_targets) == 2  # (a): >= 80% and >= 2x frozen, for best.pt
+    for t in best_targets:
+        assert t["critic"] == report["summary"]["image/offline/critic"]["final_best"]["route_completion"]["mean"]
+    assert "final_best" not in report["summary"]["image/online/sb3"]
+
+
 def test_markdown_and_png(bench):
     report, out = bench["report"], bench["out"]
     md = out.with_suffix(".md").read_text()

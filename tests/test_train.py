@@ -151,6 +151,76 @@ def test_eval_every_logs_driving_metrics(tmp_path, expert_store):
         assert float(row["eval/driving_score"]) >= 0.0
 
 
+def _tiny_offline_config(out, data, **options):
+    from pipeline.train.loop import TrainConfig
+
+    return TrainConfig(out=str(out), data=str(data), online_mix=0.0, batch_size=8, log_every=2, device="cpu",
+                       eval_episodes=1, **options)
+
+
+def _scripted_evaluation(monkeypatch, route_completions: list[float]) -> list[int]:
+    """Periodic evaluations return ``route_completions`` in turn (driving score = route completion
+    / 2); returns the list the seeds they were asked for are appended to."""
+    import pipeline.eval.runner as runner
+
+    asked, scores = [], iter(route_completions)
+
+    def evaluate(agent, routes, episodes, seed, simulator=None):
+        asked.append(seed)
+        completion = next(scores)
+        return {"route_completion": completion, "driving_score": completion / 2}
+
+    monkeypatch.setattr(runner, "evaluate_agent", evaluate)
+    return asked
+
+
+def _agent_weights(path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {f"{net}.{k}": v for net in ("encoder", "actor", "critic") for k, v in state[net].items()}
+
+
+def test_eval_every_keeps_the_best_policy_in_best_pt_picked_on_the_validation_seeds(tmp_path, expert_store,
+                                                                                    monkeypatch):
+    from pipeline.eval.seeds import VALIDATION_SEED
+    from pipeline.train.loop import train
+
+    asked = _scripted_evaluation(monkeypatch, [50.0, 80.0, 80.0, 60.0])
+    run = tmp_path / "best"
+    summary = train(_tiny_offline_config(run, expert_store, steps=8, eval_every=2, checkpoint_every=2), progress=False)
+    assert asked == [VALIDATION_SEED] * 4  # never the test seeds (0, 1, ...) pipeline eval uses
+    assert VALIDATION_SEED > 4
+    # 80 at updates 4 and 6: the tie goes to the later policy, and 60 at 8 does not replace it
+    assert summary["best"]["update"] == 6 and summary["best"]["route_completion"] == 80.0
+    assert summary["best_checkpoint"] == str(run / "best.pt")
+    best = _agent_weights(run / "best.pt")
+    assert all(torch.equal(v, _agent_weights(run / "step_6.pt")[k]) for k, v in best.items())
+    assert not all(torch.equal(v, _agent_weights(run / "last.pt")[k]) for k, v in best.items())
+
+
+def test_a_resumed_run_replaces_best_pt_only_with_a_better_policy(tmp_path, expert_store, monkeypatch):
+    from pipeline.train.loop import train
+
+    run = tmp_path / "resumed"
+    _scripted_evaluation(monkeypatch, [80.0, 50.0])
+    train(_tiny_offline_config(run, expert_store, steps=4, eval_every=2), progress=False)
+    _scripted_evaluation(monkeypatch, [70.0, 60.0])  # both below the 80 of update 2, before the resume
+    summary = train(_tiny_offline_config(run, expert_store, steps=8, eval_every=2, resume=True), progress=False)
+    assert summary["updates"] == 8 and summary["best"]["update"] == 2
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert state["loop"]["update"] == 2 and state["num_updates"] == 2
+
+
+def test_which_seeds_evaluate_a_run_does_not_change_its_training(tmp_path, expert_store):
+    from pipeline.train.loop import train
+
+    for eval_seed in (0, 1000):
+        train(_tiny_offline_config(tmp_path / f"eval{eval_seed}", expert_store, steps=4, eval_every=2,
+                                   eval_seed=eval_seed, augment=True), progress=False)
+    first, second = (_agent_weights(tmp_path / f"eval{s}" / "last.pt") for s in (0, 1000))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_resume_at_any_update_refills_the_ring_and_keeps_the_rollout_schedule(tmp_path):
     # A pure-online run killed after its checkpoint at update 3 (not a multiple of --online-every 4),
     # having logged rows up to 6 and left a temp file of a checkpoint write.

@@ -10,7 +10,12 @@ The whole loop, top to bottom:
    ``online_steps`` env steps into the online source; sample a batch; ``agent.update(batch)``;
    log; checkpoint every ``checkpoint_every``; evaluate on fixed seeds every ``eval_every``.
 
-Checkpoints (``last.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
+Checkpoint selection: with ``eval_every`` the deterministic policy is scored on validation seeds
+(``eval_seed``, :data:`~pipeline.eval.seeds.VALIDATION_SEED` and up), and ``best.pt`` is the checkpoint that scored best
+there so far (mean route completion, then driving score; a tie goes to the later one). Those seeds
+are kept apart from ``pipeline eval``'s (0 and up), so that choosing a checkpoint does not see the test.
+
+Checkpoints (``last.pt``, ``best.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
 RNG states, written atomically and read with ``weights_only=True``; ``resume`` continues the run.
 Ctrl-C writes ``last.pt`` before exiting.
 
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.eval.seeds import VALIDATION_SEED
 from pipeline.progress import ProgressBar
 
 if TYPE_CHECKING:  # for annotations only; the functions import them where they are used
@@ -81,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 10_000
     eval_every: int = 0  # 0 disables periodic evaluation
     eval_episodes: int = 2
+    eval_seed: int = VALIDATION_SEED  # periodic evaluation on seeds eval_seed, eval_seed + 1, ...
     log_every: int = 100
     vector_fields: str | None = None  # only without --data (the dataset's spec wins)
     traffic: int | None = None
@@ -109,7 +116,7 @@ def validate_train_config(config: TrainConfig) -> None:
                 "--n-step": config.n_step, "--online-steps": 1 if config.online_steps is None else config.online_steps}
     at_least_zero = {"--online-every": config.online_every, "--warmup-steps": config.warmup_steps,
                      "--online-capacity": config.online_capacity, "--eval-every": config.eval_every,
-                     "--eval-episodes": config.eval_episodes, "--exploration-noise": config.exploration_noise,
+                     "--eval-episodes": config.eval_episodes, "--eval-seed": config.eval_seed, "--exploration-noise": config.exploration_noise,
                      "--bc-alpha": 0.0 if config.bc_alpha is None else config.bc_alpha}
     for name, value in positive.items():  # None: the device's default, filled in later
         if value is not None and value < 1:
@@ -432,6 +439,8 @@ class _Run:
     worker: RolloutWorker | None  # None: pure offline
     start_update: int  # 0, or the checkpoint's update count
     pure_online: bool  # no dataset: every batch comes from the rollouts
+    # best.pt's validation scores: route_completion, driving_score, update, seed, episodes (None: no best yet)
+    best: dict | None = None
 
     def rollout_due(self, update: int) -> bool:
         """A rollout chunk on the ``online_every`` schedule, or now when a pure-online run was
@@ -444,8 +453,20 @@ class _Run:
     def save(self, path: Path, update: int) -> None:
         """The agent's state dict plus what :func:`_resume_state` needs to continue at ``update``."""
         loop = {"update": update, "rng": _rng_state(), **(self.worker.state() if self.worker else {}),
-                "config": json.dumps(asdict(self.config), default=str)}
+                "config": json.dumps(asdict(self.config), default=str),
+                **({"best": dict(self.best)} if self.best is not None else {})}
         self.agent.save(path, extra={"loop": loop})
+
+    def is_best(self, scores: dict, update: int) -> bool:
+        """Whether the policy just evaluated (``scores``: :func:`_evaluate`'s) is the best so far on
+        the validation seeds: mean route completion, then driving score; a tie goes to the later
+        policy, which has trained longer. If so, it becomes :attr:`best`."""
+        now = (scores["eval/route_completion"], scores["eval/driving_score"])
+        if self.best is not None and now < (self.best["route_completion"], self.best["driving_score"]):
+            return False
+        self.best = {"route_completion": now[0], "driving_score": now[1], "update": update,
+                     "seed": self.config.eval_seed, "episodes": self.config.eval_episodes}
+        return True
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -478,7 +499,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                     bar.show(update, scalars)
                     logged_time, logged_update = now, update
                 if config.eval_every and update % config.eval_every == 0:
-                    log.log(update, _evaluate(agent, run.env.unwrapped.route.name, config))
+                    scores = _evaluate(agent, run.env.unwrapped.route.name, config)
+                    log.log(update, scores)
+                    if run.is_best(scores, update):
+                        run.save(out / "best.pt", update)
                 if update % config.checkpoint_every == 0:
                     run.save(out / f"step_{update}.pt", update)
                     run.save(last, update)
@@ -499,6 +523,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "recent_return": float(np.mean(worker.recent_returns)) if worker and worker.recent_returns else None,
         "last_metrics": latest,
         "checkpoint": str(last),
+        "best": run.best,  # best.pt's validation scores and update (None: no periodic evaluation)
+        "best_checkpoint": str(out / "best.pt") if run.best is not None else None,
     }
 
 
@@ -562,7 +588,20 @@ def _open_run(config: TrainConfig) -> _Run:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return _Run(config, out, env, replay, agent, worker, start_update, pure_online=store is None)
+    best = _resumed_best(checkpoint["loop"], config) if checkpoint is not None else None
+    return _Run(config, out, env, replay, agent, worker, start_update, pure_online=store is None, best=best)
+
+
+def _resumed_best(loop_state: dict, config: TrainConfig) -> dict | None:
+    """best.pt's scores as the checkpoint recorded them, so a resumed run replaces best.pt only with
+    a better policy; None when they came from other validation seeds (not comparable: said once)."""
+    best = loop_state.get("best")
+    if best is None or (best["seed"], best["episodes"]) == (config.eval_seed, config.eval_episodes):
+        return best
+    print(f"warning: best.pt was chosen on {best['episodes']} episode(s) from seed {best['seed']}; this run "
+          f"evaluates {config.eval_episodes} from seed {config.eval_seed}, so its next evaluation replaces best.pt",
+          file=sys.stderr)
+    return None
 
 
 def _read_resume_checkpoint(out: Path) -> tuple[Path, dict]:
@@ -655,10 +694,10 @@ def _resume_state(loop_state: dict, replay, worker: RolloutWorker | None) -> int
 
 
 def _evaluate(agent, route: str, config: TrainConfig) -> dict:
-    """Fixed-seed evaluation of the current deterministic policy (``pipeline eval``'s metrics)."""
+    """The current deterministic policy on the validation seeds (``pipeline eval``'s metrics)."""
     from pipeline.eval.runner import evaluate_agent
 
-    summary = evaluate_agent(agent, [route], episodes=config.eval_episodes, seed=0,
+    summary = evaluate_agent(agent, [route], episodes=config.eval_episodes, seed=config.eval_seed,
                              simulator=config.simulator)
     return {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
 
