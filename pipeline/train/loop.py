@@ -11,8 +11,8 @@ The whole loop, top to bottom:
    log; checkpoint every ``checkpoint_every``; evaluate on fixed seeds every ``eval_every``.
 
 Checkpoint selection: with ``eval_every`` the deterministic policy is scored on validation seeds
-(``eval_seed``, :data:`~pipeline.eval.seeds.VALIDATION_SEED` and up), and ``best.pt`` is the checkpoint that scored best
-there so far (mean route completion, then driving score; a tie goes to the later one). Those seeds
+(``eval_seed``, :data:`~pipeline.eval.seeds.VALIDATION_SEED` and up), and ``best.pt`` is the
+checkpoint that scored best there so far (mean route completion, then driving score; a tie goes to the later one). Those seeds
 are kept apart from ``pipeline eval``'s (0 and up), so that choosing a checkpoint does not see the test.
 
 Checkpoints (``last.pt``, ``best.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
@@ -116,7 +116,8 @@ def validate_train_config(config: TrainConfig) -> None:
                 "--n-step": config.n_step, "--online-steps": 1 if config.online_steps is None else config.online_steps}
     at_least_zero = {"--online-every": config.online_every, "--warmup-steps": config.warmup_steps,
                      "--online-capacity": config.online_capacity, "--eval-every": config.eval_every,
-                     "--eval-episodes": config.eval_episodes, "--eval-seed": config.eval_seed, "--exploration-noise": config.exploration_noise,
+                     "--eval-episodes": config.eval_episodes, "--eval-seed": config.eval_seed,
+                     "--exploration-noise": config.exploration_noise,
                      "--bc-alpha": 0.0 if config.bc_alpha is None else config.bc_alpha}
     for name, value in positive.items():  # None: the device's default, filled in later
         if value is not None and value < 1:
