@@ -213,17 +213,22 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         online_steps=sched.chunk_steps, exploration_noise=job.exploration_noise, warmup_steps=sched.warmup,
         online_capacity=max(job.budget, job.batch_size), gamma=GAMMA, encoder_update=job.variant,
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
-        eval_episodes=job.eval_episodes, eval_seed=job.eval_seed, log_every=eval_updates, bc_alpha=job.bc_alpha, lr=job.lr, n_step=job.n_step,
+        eval_episodes=job.eval_episodes, eval_seed=job.eval_seed, log_every=eval_updates, bc_alpha=job.bc_alpha,
+        lr=job.lr, n_step=job.n_step,
         encoder_lr=job.encoder_lr, encoder_head=job.encoder_head, bf16=job.bf16,
         vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
     wall = time.perf_counter() - started
     curve = _curve_from_metrics_csv(Path(config.out) / "metrics.csv")
-    final, final_best = (
-        _scores(evaluate_policy(load_agent(path, device=job.device), [job.route], episodes=job.final_episodes,
-                                seed=EVAL_SEED))
-        for path in (summary["checkpoint"], summary["best_checkpoint"]))
+
+    def test(path: str) -> dict:
+        agent = load_agent(path, device=job.device)
+        return _scores(evaluate_policy(agent, [job.route], episodes=job.final_episodes, seed=EVAL_SEED))
+
+    final = test(summary["checkpoint"])
+    # best.pt holds the same weights as last.pt when the last curve point scored best
+    final_best = final if summary["best"]["update"] == summary["updates"] else test(summary["best_checkpoint"])
     return {"updates": summary["updates"], "env_steps": summary["env_steps"], "wall_s": wall,
             "updates_per_s": summary["updates"] / wall, "curve": curve, "final": final,
             # best.pt: the curve point that scored best on the validation seeds, tested like last.pt
@@ -717,7 +722,7 @@ def markdown(report: dict) -> str:
         f"{cnn_precision(hw, cfg.get('bf16'))}.",
         f"Every run: {cfg['gradient_steps']} update(s) every {cfg['train_freq']} env step(s), batch "
         f"{cfg['batch_size']}; evaluation on {cfg['eval_episodes']} fixed validation seeds "
-        f"({_seed_range(cfg.get('eval_seed', EVAL_SEED), cfg['eval_episodes'])}) along the way, where `best.pt` is "
+        f"({_seed_range(cfg['eval_seed'], cfg['eval_episodes'])}) along the way, where `best.pt` is "
         f"picked, and a test of {cfg['final_episodes']} fixed seeds at the end "
         f"({_seed_range(EVAL_SEED, cfg['final_episodes'])}). Image setting: vector = speed only, traffic "
         f"{cfg['traffic']}. Our agents are scored with {scored_with}. Training runs took "

@@ -12,11 +12,12 @@ The whole loop, top to bottom:
 
 Checkpoint selection: with ``eval_every`` the deterministic policy is scored on validation seeds
 (``eval_seed``, :data:`~pipeline.eval.seeds.VALIDATION_SEED` and up), and ``best.pt`` is the
-checkpoint that scored best there so far (mean route completion, then driving score; a tie goes to the later one). Those seeds
-are kept apart from ``pipeline eval``'s (0 and up), so that choosing a checkpoint does not see the test.
+checkpoint that scored best there so far (mean route completion, then driving score; a tie goes to
+the later one). Those seeds are kept apart from ``pipeline eval``'s (0 and up), so that choosing a
+checkpoint does not see the test.
 
-Checkpoints (``last.pt``, ``best.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's counters and
-RNG states, written atomically and read with ``weights_only=True``; ``resume`` continues the run.
+Checkpoints (``last.pt``, ``best.pt``, ``step_<n>.pt``) hold the agent's state dict plus the loop's
+counters and RNG states, written atomically and read with ``weights_only=True``; ``resume`` continues the run.
 Ctrl-C writes ``last.pt`` before exiting.
 
 Resume: the online ring is refilled from ``<out>/online.zarr``, the rollouts continue on the
