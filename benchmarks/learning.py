@@ -87,13 +87,15 @@ FORMAT, FORMAT_VERSION = "pipeline.learning-benchmark", 1
 SETTINGS = ("full", "image")
 STARTS = ("online", "offline")
 VARIANTS = ("critic", "actor+critic", "frozen", "sb3", "sb3-mlp")
+TRAINED_CNN_VARIANTS = ("critic", "actor+critic")  # ours whose CNN learns
 METRICS = ("route_completion", "episode_return", "length", "driving_score")  # per eval, means over episodes
 EXPLORATION_NOISE = 0.1  # TrainConfig's default; SB3 gets the same Gaussian action noise
 # Job fields added after runs were cached, with the value those runs had: an older result.json
 # without the field is still the same job.
 LR, N_STEP = 3e-4, 3  # ours: pipeline train's defaults (actor and critic Adam rate; n-step returns)
 # (The curves were evaluated on seeds 0, 1, ... until 2026-12-06, session 20: eval_seed 0.)
-JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE, "lr": LR, "n_step": N_STEP, "eval_seed": 0}
+JOB_FIELDS_ADDED = {"exploration_noise": EXPLORATION_NOISE, "lr": LR, "n_step": N_STEP, "eval_seed": 0,
+                    "prediction_weight": 0.0}
 GAMMA = 0.99
 # The final test of every run, ours and SB3's: seeds 0, 1, ... (pipeline eval's, the routes' own).
 # The curves are evaluated on validation seeds (--eval-seed, VALIDATION_SEED and up), where
@@ -131,6 +133,7 @@ class Job:
     n_step: int  # ours: n-step returns
     encoder_lr: float  # ours: the CNN's Adam learning rate
     encoder_head: str  # ours: the CNN's last layer (relu, layernorm)
+    prediction_weight: float  # ours, a trained CNN only: the self-predictive loss's weight (0: off)
     bf16: bool  # ours: the CNN in bf16 (pipeline train --bf16/--no-bf16), resolved for the device
     deployed: str  # ours: the networks evaluations act with (DEPLOYED_POLICY)
     data: str | None  # expert dataset store (offline start)
@@ -215,8 +218,8 @@ def run_ours(job: Job, sched: Schedule) -> dict:
         device=job.device, seed=job.seed, checkpoint_every=sched.updates, eval_every=eval_updates,
         eval_episodes=job.eval_episodes, eval_seed=job.eval_seed, log_every=eval_updates, bc_alpha=job.bc_alpha,
         lr=job.lr, n_step=job.n_step,
-        encoder_lr=job.encoder_lr, encoder_head=job.encoder_head, bf16=job.bf16,
-        vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
+        encoder_lr=job.encoder_lr, encoder_head=job.encoder_head, prediction_weight=job.prediction_weight,
+        bf16=job.bf16, vector_fields=None if job.data else job.vector_fields, traffic=None if job.data else job.traffic)
     started = time.perf_counter()
     summary = train(config, progress=False)
     wall = time.perf_counter() - started
@@ -880,6 +883,8 @@ def parse_args(argv=None):
     p.add_argument("--n-step", type=int, default=N_STEP, help="ours: n-step returns")
     p.add_argument("--encoder-lr", type=float, default=3e-4, help="ours: the CNN's Adam learning rate")
     p.add_argument("--encoder-head", choices=("relu", "layernorm"), default="relu", help="ours: the CNN's last layer")
+    p.add_argument("--prediction-weight", type=float, default=0.0,
+                   help="ours with a trained CNN (not frozen): the self-predictive loss's weight (0: off)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="ours: the CNN in bf16 (default as pipeline train: on CUDA; --bf16 on CPU: where native)")
     p.add_argument("--eval-every", type=int, default=None,
@@ -927,6 +932,8 @@ def parse_args(argv=None):
         p.error("--lr and --encoder-lr must be above 0")
     if args.n_step < 1:
         p.error("--n-step must be at least 1")
+    if args.prediction_weight < 0:
+        p.error("--prediction-weight must be 0 or above")
     if not args.exploration_noise >= 0:
         p.error("--exploration-noise must be 0 or more")
     if min(args.budget, args.batch_size, args.train_freq, args.gradient_steps, args.eval_episodes,
@@ -976,7 +983,7 @@ def main(argv=None) -> dict:
                     lr=part["lr"],
                     exploration_noise=args.exploration_noise,
                     n_step=args.n_step, encoder_lr=args.encoder_lr, encoder_head=args.encoder_head,
-                    bf16=bf16,
+                    prediction_weight=args.prediction_weight if v in TRAINED_CNN_VARIANTS else 0.0, bf16=bf16,
                     deployed=DEPLOYED_POLICY,
                     data=str(work / "datasets" / f"{part['setting']}.zarr") if part["start"] == "offline" else None,
                     device=args.device, threads=args.threads, run_dir="")

@@ -187,6 +187,9 @@ def _say_lost_servers(events: list[str]) -> None:
               help="The CNN's last layer: relu (Nature DQN) or layernorm (LayerNorm + tanh, as SAC-AE and DrQ).")
 @click.option("--bc-alpha", type=float, default=None,
               help="TD3+BC alpha on the dataset's rows; 0 = off [default: 2.5 with --data, else 0].")
+@click.option("--prediction-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of a self-predictive loss on the CNN (SPR-style: predict the next observation's "
+                   "CNN features from this one's and the action); 0 = off. Not with --encoder-update frozen.")
 @click.option("--n-step", type=int, default=3, show_default=True)
 @click.option("--gamma", type=float, default=0.99, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Disable random-shift augmentation.")
@@ -216,8 +219,8 @@ def _say_lost_servers(events: list[str]) -> None:
 @camera_option(" Without --data only: a dataset brings its own.")
 @carla_options
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise,
-          warmup_steps, encoder_update, lr, encoder_lr, encoder_head, bc_alpha, n_step, gamma, no_augment, replay_memory,
-          online_capacity, device, compile_, bf16, checkpoint_every, eval_every, eval_episodes, eval_seed, log_every,
+          warmup_steps, encoder_update, lr, encoder_lr, encoder_head, bc_alpha, prediction_weight, n_step, gamma,
+          no_augment, replay_memory, online_capacity, device, compile_, bf16, checkpoint_every, eval_every, eval_episodes, eval_seed, log_every,
           vector_fields, traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
@@ -243,7 +246,7 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         exploration_noise=exploration_noise, warmup_steps=warmup_steps, online_capacity=online_capacity,
         replay_memory=replay_memory, n_step=n_step, gamma=gamma, encoder_update=encoder_update,
         lr=lr, encoder_lr=encoder_lr, encoder_head=encoder_head, bc_alpha=bc_alpha, augment=not no_augment,
-        device=device,
+        prediction_weight=prediction_weight, device=device,
         compile=compile_, bf16=bf16, seed=seed, checkpoint_every=checkpoint_every,
         eval_every=eval_every, eval_episodes=eval_episodes, eval_seed=eval_seed, log_every=log_every,
         vector_fields=vector_fields, traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),

@@ -233,6 +233,45 @@ def test_td3_bc_reaches_the_encoder_in_critic_mode_but_the_q_term_does_not():
     assert agent.update_actor(batch)["bc_loss"] == pytest.approx(expected_bc.item(), rel=1e-5)
 
 
+def test_the_self_predictive_loss_adds_its_gradient_to_the_cnn_and_leaves_the_critic_alone():
+    # Same seed with the loss off and on: the same networks (the predictor is built last), so the
+    # difference between their encoder gradients is exactly the weighted prediction loss's.
+    weight = 0.5
+    plain, predicting = make_agent(augment=False, seed=3), make_agent(augment=False, seed=3, prediction_weight=weight)
+    assert plain.predictor is None and predicting.predictor is not None
+    for name in ("encoder", "actor", "critic", "encoder_target"):
+        a, b = getattr(plain, name).state_dict(), getattr(predicting, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    batch = make_batch(b=8)
+    cnn = slice(0, predicting.config.features_dim)
+    with torch.no_grad():  # the target: the *target* encoder's CNN features of next_obs
+        target = predicting.encoder_target(batch["next_obs"])[:, cnn]
+    guess = predicting.predictor(predicting.encoder(batch["obs"])[:, cnn], batch["action"])
+    prediction_loss = (2 - 2 * F.cosine_similarity(guess, target, dim=1)).mean()
+    params, expected = _encoder_grads_of(predicting, weight * prediction_loss)
+    before = snapshot(predicting.predictor)
+
+    plain_metrics = plain.update_critic(batch)
+    metrics = predicting.update_critic(batch)
+
+    assert metrics["prediction_loss"] == pytest.approx(prediction_loss.item(), rel=1e-5)
+    assert "prediction_loss" not in plain_metrics
+    assert metrics["critic_loss"] == pytest.approx(plain_metrics["critic_loss"], rel=1e-6)
+    for p, q, g in zip(params, plain.encoder.parameters(), expected):
+        torch.testing.assert_close(p.grad, q.grad + g)
+    assert any(g.abs().max() > 0 for g in expected)
+    for p, q in zip(predicting.critic.parameters(), plain.critic.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)  # the prediction loss does not reach the critic
+    assert changed(predicting.predictor, before) == set(before)  # the predictor learns too
+
+
+def test_the_self_predictive_loss_cannot_go_with_a_frozen_encoder():
+    with pytest.raises(PipelineError, match="frozen"):
+        TD3Config(encoder_update="frozen", prediction_weight=1.0)
+    with pytest.raises(PipelineError, match="prediction_weight"):
+        TD3Config(prediction_weight=-1.0)
+
+
 def _pretend_native_bf16(monkeypatch, native: bool):
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
@@ -516,9 +555,11 @@ def test_a_save_interrupted_midway_keeps_the_old_checkpoint_and_leaves_no_temp_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
-def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):
+@pytest.mark.parametrize("prediction_weight", [0.0, 0.5])
+def test_resume_from_checkpoint_gives_identical_next_update(tmp_path, prediction_weight):
     batches = [make_batch(seed=s, b=4) for s in range(4)]
-    straight, interrupted = make_agent(seed=7), make_agent(seed=7)
+    straight = make_agent(seed=7, prediction_weight=prediction_weight)
+    interrupted = make_agent(seed=7, prediction_weight=prediction_weight)
     for b in batches[:3]:
         straight.update(b)
         interrupted.update(b)
@@ -528,8 +569,10 @@ def test_resume_from_checkpoint_gives_identical_next_update(tmp_path):
     # update 4 runs the delayed actor step and the target averaging: counter, optimiser moments,
     # augmentation and target-noise RNG must all have been restored
     assert straight.update(batches[3]) == resumed.update(batches[3])
-    for name in ("encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"):
+    names = ["encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"]
+    for name in names + (["predictor"] if prediction_weight else []):
         a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert (resumed.predictor is None) == (prediction_weight == 0)
     obs = {k: v.numpy() for k, v in batches[0]["obs"].items()}
     np.testing.assert_array_equal(straight.select_action(obs, 0.1), resumed.select_action(obs, 0.1))

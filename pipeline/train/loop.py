@@ -80,6 +80,7 @@ class TrainConfig:
     encoder_lr: float = 3e-4  # Adam learning rate of the CNN
     encoder_head: str = "relu"  # the CNN's last layer: relu, or layernorm (LayerNorm + tanh)
     bc_alpha: float | None = None  # TD3+BC alpha; None: DATA_BC_ALPHA with --data, else 0
+    prediction_weight: float = 0.0  # the self-predictive loss on the CNN (TD3Config); 0: off
     augment: bool = True
     device: str = "auto"
     compile: bool = False
@@ -188,6 +189,7 @@ LEARNER_OPTIONS = {
     "warmup_steps": "--warmup-steps", "online_capacity": "--online-capacity", "n_step": "--n-step",
     "gamma": "--gamma", "encoder_update": "--encoder-update", "lr": "--lr",
     "encoder_lr": "--encoder-lr", "encoder_head": "--encoder-head", "bc_alpha": "--bc-alpha", "augment": "--no-augment",
+    "prediction_weight": "--prediction-weight",
     "seed": "--seed", "vector_fields": "--vector-fields", "traffic": "--traffic", "camera": "--camera",
     "bf16": "--bf16/--no-bf16",  # a resumed run keeps its CNN's precision
 }
@@ -678,7 +680,7 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
     td3 = TD3Config(encoder_update=config.encoder_update, actor_lr=config.lr, critic_lr=config.lr,
                     encoder_lr=config.encoder_lr,
                     encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
-                    device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
+                    prediction_weight=config.prediction_weight, device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 
 

@@ -149,6 +149,21 @@ class Critic(nn.Module):
         return self.head1(torch.cat([features, action.to(features.dtype)], dim=1)).squeeze(1)
 
 
+class LatentPredictor(nn.Module):
+    """The self-predictive loss's model (SPR, Schwarzer et al. 2021, one step): CNN features float
+    ``(B, features_dim)`` of an observation and the action float ``(B, A)`` taken there -> a
+    prediction float ``(B, features_dim)`` of the CNN features of the next observation. The loss
+    compares directions only (cosine), so the scale of the features is left to the RL losses."""
+
+    def __init__(self, features_dim: int, action_dim: int = 2, hidden: int = 256):
+        super().__init__()
+        self.net = _mlp(features_dim + action_dim, hidden, features_dim)
+        self.apply(_orthogonal_init)
+
+    def forward(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([features, action.to(features.dtype)], dim=1))
+
+
 def random_shift(image: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """DrQ's random-shift augmentation: replicate-pad by ``pad`` pixels, crop back at a random
     integer offset, one offset per sample (shared by its stacked frames).

@@ -10,7 +10,8 @@ One update, read top to bottom in :meth:`TD3Agent.update`:
 1. random-shift the image of ``obs`` and ``next_obs`` (DrQ), move the batch to the device;
 2. critic: ``y = r + discount * (1 - done) * min Q_targ(s', pi_targ(s') + clipped noise)``, where
    the target side reads ``s'`` through the target encoder; MSE of both Q heads to ``y`` trains
-   critic + encoder;
+   critic + encoder (plus, with ``prediction_weight > 0``, a self-predictive loss on the CNN: see
+   :class:`TD3Agent`);
 3. every ``policy_delay`` updates: actor loss ``-Q1(sg(phi), pi(phi))`` (plus TD3+BC's
    behaviour-cloning term on offline rows when ``bc_alpha > 0``), then Polyak-average all three
    target networks. ``sg`` is stop-gradient: in the actor loss the critic always reads detached
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 
 from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, SpecMismatchError
-from pipeline.train.networks import ENCODER_HEADS, Actor, Critic, Encoder, random_shift
+from pipeline.train.networks import ENCODER_HEADS, Actor, Critic, Encoder, LatentPredictor, random_shift
 
 ENCODER_UPDATES = ("critic", "actor+critic", "frozen")
 CHECKPOINT_FORMAT = "pipeline.td3"
@@ -83,6 +84,9 @@ class TD3Config:
     augment: bool = True  # DrQ random shift on obs and next_obs
     augment_pad: int = 4
     bc_alpha: float = 0.0  # TD3+BC alpha; 0 turns BC off (TD3+BC paper uses 2.5)
+    # Weight of the self-predictive loss on the CNN (SPR-style, see TD3Agent); 0 turns it off. It
+    # shapes the CNN only, so it cannot go with encoder_update "frozen".
+    prediction_weight: float = 0.0
     features_dim: int = 512
     encoder_head: str = "relu"  # one of ENCODER_HEADS: "layernorm" bounds the features (SAC-AE, DrQ)
     # A Polyak copy of the CNN reads s' for the TD target. False: the online CNN does (DrQ-v2); same
@@ -106,11 +110,14 @@ class TD3Config:
             raise PipelineError(
                 f"unknown encoder head {self.encoder_head!r}; choose one of {', '.join(ENCODER_HEADS)}"
             )
-        if self.policy_delay < 1 or not 0.0 < self.tau <= 1.0 or self.bc_alpha < 0:
+        if self.policy_delay < 1 or not 0.0 < self.tau <= 1.0 or self.bc_alpha < 0 or self.prediction_weight < 0:
             raise PipelineError(
                 f"bad TD3 settings: policy_delay={self.policy_delay} (>= 1), tau={self.tau} (0, 1], "
-                f"bc_alpha={self.bc_alpha} (>= 0)"
+                f"bc_alpha={self.bc_alpha} (>= 0), prediction_weight={self.prediction_weight} (>= 0)"
             )
+        if self.prediction_weight > 0 and self.encoder_update == "frozen":
+            raise PipelineError("the self-predictive loss (prediction weight > 0) trains the CNN; the frozen "
+                                "encoder has nothing for it to train: drop it, or pick another encoder update")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -185,7 +192,17 @@ class TD3Agent:
     (``None`` with ``target_encoder=False``: the TD target then reads ``s'`` through ``encoder``),
     ``actor_target``, ``critic_target``; one Adam optimiser each for actor, critic and encoder;
     ``num_updates`` (calls to :meth:`update`); ``bf16_cnn`` (bool: whether the CNN runs under bf16
-    autocast, ``TD3Config.amp`` resolved on this device).
+    autocast, ``TD3Config.amp`` resolved on this device); ``predictor`` (a
+    :class:`~pipeline.train.networks.LatentPredictor` with its own Adam when
+    ``prediction_weight > 0``, else ``None``).
+
+    The self-predictive loss (``prediction_weight``; SPR, Schwarzer et al. 2021, one step, as BYOL):
+    the critic step already encodes ``next_obs`` without gradients for the TD target; ``predictor``
+    maps the online CNN features of ``obs`` and the action to a guess of those next features, and
+    ``2 - 2 cos(guess, next features)`` is added to the critic loss with that weight. So the CNN gets a
+    dense self-supervised signal beside the TD error, at the cost of one small MLP per update.
+    The target side reads the Polyak-averaged encoder (the online one with ``target_encoder=False``);
+    the next observation is the n-th next when the batch holds n-step returns.
     """
 
     def __init__(
@@ -211,12 +228,19 @@ class TD3Agent:
             self.encoder = Encoder(obs_spec, cfg.features_dim, vector_mean, vector_std, head=cfg.encoder_head)
             self.actor = Actor(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
             self.critic = Critic(self.encoder.out_dim, self.action_spec.dim, cfg.hidden)
+            # built last, so the networks above start the same with the loss on or off
+            self.predictor = (LatentPredictor(cfg.features_dim, self.action_spec.dim, cfg.hidden)
+                              if cfg.prediction_weight > 0 else None)
         self.encoder_target = copy.deepcopy(self.encoder) if cfg.target_encoder else None
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
         memory_format = torch.channels_last if self._channels_last else torch.preserve_format
         for net in self._online() + self._targets():
             net.to(self.device, memory_format=memory_format)
+        self.predictor_opt = None
+        if self.predictor is not None:
+            self.predictor.to(self.device)
+            self.predictor_opt = torch.optim.Adam(self.predictor.parameters(), lr=cfg.encoder_lr, fused=True)
         for net in self._targets():
             net.requires_grad_(False)
         if cfg.encoder_update == "frozen":
@@ -350,20 +374,30 @@ class TD3Agent:
         features = self.extract_features(b["obs"], enable_grad=True)  # the seed's fix: CNN in the graph
         q1, q2 = self.critic(features, b["action"])
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        loss, metrics = critic_loss, {}
+        if self.predictor is not None:
+            cnn = slice(0, cfg.features_dim)  # the encoder's output is CNN features, then the vector
+            guess = self.predictor(features[:, cnn], b["action"])
+            prediction_loss = (2.0 - 2.0 * F.cosine_similarity(guess, next_features[:, cnn], dim=1)).mean()
+            loss = critic_loss + cfg.prediction_weight * prediction_loss
+            metrics["prediction_loss"] = prediction_loss.detach()
+            self.predictor_opt.zero_grad(set_to_none=True)
 
         self.critic_opt.zero_grad(set_to_none=True)
         self.encoder_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        metrics = {
+        loss.backward()
+        metrics.update({
             "critic_loss": critic_loss.detach(),
             "q1_mean": q1.detach().mean(),
             "q_target_mean": target_q.mean(),
             "critic_grad_norm": _grad_norm(list(self.critic.parameters())),
             "encoder_grad_norm": _grad_norm(list(self.encoder.parameters())),
-        }
+        })
         self.critic_opt.step()
         if self._trains_encoder:
             self.encoder_opt.step()
+        if self.predictor is not None:
+            self.predictor_opt.step()
         return features.detach(), metrics
 
     def _actor_step(self, b: dict, features: torch.Tensor | None = None) -> dict:
@@ -429,7 +463,8 @@ class TD3Agent:
 
     def update_critic(self, batch) -> dict[str, float]:
         """One critic (+ encoder) step: ``critic_loss, q1_mean, q_target_mean, critic_grad_norm,
-        encoder_grad_norm``. Does not count towards ``num_updates``."""
+        encoder_grad_norm`` (+ ``prediction_loss`` with the self-predictive loss). Does not count
+        towards ``num_updates``."""
         return self._floats(self._critic_step(self._prepare(batch))[1])
 
     def update_actor(self, batch) -> dict[str, float]:
@@ -472,7 +507,8 @@ class TD3Agent:
     def _state_names(self) -> list[str]:
         names = ["encoder", "actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt",
                  "encoder_opt"]
-        return names + (["encoder_target"] if self.encoder_target is not None else [])
+        names += ["encoder_target"] if self.encoder_target is not None else []
+        return names + (["predictor", "predictor_opt"] if self.predictor is not None else [])
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`. Raises :class:`SpecMismatchError` if its obs or action spec
