@@ -72,8 +72,10 @@ class OurLearner:
         self.flops = count_flops(lambda: self.update(2)) / 2
 
     def update(self, n: int):
-        for _ in range(n):
-            self.agent.update(self.replay.sample(self.batch_size))
+        # metrics of the last update only, as SB3's train(gradient_steps=n) logs once per call and
+        # pipeline train once per --log-every
+        for i in range(n):
+            self.agent.update(self.replay.sample(self.batch_size), metrics=i == n - 1)
 
     def run(self, n: int, profiler=None) -> tuple[float, float]:
         _sync()

@@ -233,6 +233,21 @@ def test_td3_bc_reaches_the_encoder_in_critic_mode_but_the_q_term_does_not():
     assert agent.update_actor(batch)["bc_loss"] == pytest.approx(expected_bc.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["critic", "actor+critic"])
+def test_an_update_without_metrics_is_the_same_update_and_returns_none(mode):
+    # The training loop asks for metrics (gradient norms) only on the updates it logs.
+    measured, silent = make_agent(seed=5, encoder_update=mode), make_agent(seed=5, encoder_update=mode)
+    for s in range(4):  # two actor steps and target updates among them
+        batch = make_batch(seed=s, b=4)
+        full = measured.update(batch)
+        assert silent.update(batch, metrics=False) == {}
+        assert {"critic_grad_norm", "encoder_grad_norm"} <= set(full)
+    assert "actor_grad_norm" in full
+    for name in ("encoder", "actor", "critic", "encoder_target", "actor_target", "critic_target"):
+        a, b = getattr(measured, name).state_dict(), getattr(silent, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_the_self_predictive_loss_adds_its_gradient_to_the_cnn_and_leaves_the_critic_alone():
     # Same seed with the loss off and on: the same networks (the predictor is built last), so the
     # difference between their encoder gradients is exactly the weighted prediction loss's.

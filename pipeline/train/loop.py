@@ -492,10 +492,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             while update < config.steps:
                 if run.rollout_due(update):
                     worker.run(online_steps, lambda obs: agent.select_action(obs, noise=config.exploration_noise))
-                latest = agent.update(replay.sample(config.batch_size))
+                logs = (update + 1) % config.log_every == 0 or update + 1 == config.steps
+                metrics = agent.update(replay.sample(config.batch_size), metrics=logs)
+                latest = metrics or latest  # only the logged updates' (they cost gradient norms)
                 update += 1
                 bar.advance(update)
-                if update % config.log_every == 0 or update == config.steps:
+                if logs:
                     now = time.perf_counter()
                     updates_per_s = (update - logged_update) / max(now - logged_time, 1e-9)
                     scalars = _log_row(latest, updates_per_s, now - started, replay, worker)

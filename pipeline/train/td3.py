@@ -359,8 +359,9 @@ class TD3Agent:
                         if offline is None else torch.as_tensor(offline).to(self.device, torch.bool)),
         }
 
-    def _critic_step(self, b: dict) -> tuple[torch.Tensor, dict]:
-        """One critic (+ encoder) step on a prepared batch; returns the (detached) obs features."""
+    def _critic_step(self, b: dict, diagnose: bool = True) -> tuple[torch.Tensor, dict]:
+        """One critic (+ encoder) step on a prepared batch; returns the (detached) obs features and
+        the metrics (the gradient norms only with ``diagnose``)."""
         cfg = self.config
         with torch.no_grad():
             next_encoder = self.encoder if self.encoder_target is None else self.encoder_target
@@ -386,13 +387,10 @@ class TD3Agent:
         self.critic_opt.zero_grad(set_to_none=True)
         self.encoder_opt.zero_grad(set_to_none=True)
         loss.backward()
-        metrics.update({
-            "critic_loss": critic_loss.detach(),
-            "q1_mean": q1.detach().mean(),
-            "q_target_mean": target_q.mean(),
-            "critic_grad_norm": _grad_norm(list(self.critic.parameters())),
-            "encoder_grad_norm": _grad_norm(list(self.encoder.parameters())),
-        })
+        metrics.update(critic_loss=critic_loss.detach(), q1_mean=q1.detach().mean(), q_target_mean=target_q.mean())
+        if diagnose:
+            metrics["critic_grad_norm"] = _grad_norm(list(self.critic.parameters()))
+            metrics["encoder_grad_norm"] = _grad_norm(list(self.encoder.parameters()))
         self.critic_opt.step()
         if self._trains_encoder:
             self.encoder_opt.step()
@@ -400,7 +398,7 @@ class TD3Agent:
             self.predictor_opt.step()
         return features.detach(), metrics
 
-    def _actor_step(self, b: dict, features: torch.Tensor | None = None) -> dict:
+    def _actor_step(self, b: dict, features: torch.Tensor | None = None, diagnose: bool = True) -> dict:
         """One actor step. ``features`` (detached, from the critic step) are reused unless a term of
         the actor loss must reach the encoder, which needs a fresh graph.
 
@@ -441,8 +439,10 @@ class TD3Agent:
         if to_encoder:
             self.encoder_opt.zero_grad(set_to_none=True)
         actor_loss.backward(inputs=params + encoder_params)
-        metrics.update(actor_loss=actor_loss.detach(), actor_grad_norm=_grad_norm(params))
-        if to_encoder:
+        metrics["actor_loss"] = actor_loss.detach()
+        if diagnose:
+            metrics["actor_grad_norm"] = _grad_norm(params)
+        if diagnose and to_encoder:
             metrics["encoder_grad_norm"] = _grad_norm(encoder_params)
         self.actor_opt.step()
         if to_encoder:
@@ -473,20 +473,24 @@ class TD3Agent:
         TD3+BC in a trainable mode). Targets are not moved."""
         return self._floats(self._actor_step(self._prepare(batch)))
 
-    def update(self, batch) -> dict[str, float]:
+    def update(self, batch, metrics: bool = True) -> dict[str, float]:
         """One TD3 update: a critic step, and every ``policy_delay``-th call an actor step plus
         Polyak averaging of the targets. Returns floats (see update_critic / update_actor); the
-        actor's encoder gradient norm is reported as ``encoder_actor_grad_norm``."""
+        actor's encoder gradient norm is reported as ``encoder_actor_grad_norm``.
+
+        ``metrics=False`` returns ``{}`` and skips what only the metrics need (the gradient norms, the
+        wait for the values): the training loop asks for them on the updates it logs. The update
+        itself is the same either way."""
         b = self._prepare(batch)
-        features, metrics = self._critic_step(b)
+        features, critic_metrics = self._critic_step(b, diagnose=metrics)
         self.num_updates += 1
         if self.num_updates % self.config.policy_delay == 0:
-            actor_metrics = self._actor_step(b, features)
+            actor_metrics = self._actor_step(b, features, diagnose=metrics)
             if "encoder_grad_norm" in actor_metrics:
                 actor_metrics["encoder_actor_grad_norm"] = actor_metrics.pop("encoder_grad_norm")
-            metrics.update(actor_metrics)
+            critic_metrics.update(actor_metrics)
             self._soft_update_targets()
-        return self._floats(metrics)
+        return self._floats(critic_metrics) if metrics else {}
 
     # ------------------------------------------------------------------ checkpoints
 
