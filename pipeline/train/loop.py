@@ -682,7 +682,8 @@ def _new_agent(config: TrainConfig, store, env, worker: RolloutWorker | None):
     td3 = TD3Config(encoder_update=config.encoder_update, actor_lr=config.lr, critic_lr=config.lr,
                     encoder_lr=config.encoder_lr,
                     encoder_head=config.encoder_head, bc_alpha=config.bc_alpha, augment=config.augment,
-                    prediction_weight=config.prediction_weight, device=config.device, compile=config.compile, amp=config.bf16, seed=config.seed)
+                    prediction_weight=config.prediction_weight, device=config.device, compile=config.compile,
+                    amp=config.bf16, seed=config.seed)
     return TD3Agent(env.unwrapped.obs_spec, ActionSpec(), td3, vector_mean=mean, vector_std=std)
 
 
