@@ -221,7 +221,8 @@ def _say_lost_servers(events: list[str]) -> None:
 def train(data, data_cache, online_mix, route, steps, batch_size, online_every, online_steps, exploration_noise,
           warmup_steps, encoder_update, lr, encoder_lr, encoder_head, bc_alpha, prediction_weight, n_step, gamma,
           no_augment, replay_memory, online_capacity, device, compile_, bf16, checkpoint_every, eval_every,
-          eval_episodes, eval_seed, log_every, vector_fields, traffic, out, resume, seed, quiet, no_verify, camera, carla_host, carla_port):
+          eval_episodes, eval_seed, log_every, vector_fields, traffic, out, resume, seed, quiet, no_verify, camera,
+          carla_host, carla_port):
     """Train end-to-end TD3 (the CNN learns from the TD3 losses) from a dataset plus online rollouts.
 
     \b
