@@ -125,6 +125,8 @@ def test_checkpoint_of_another_obs_spec_is_refused(tmp_path, expert_store):
     (("--resume",), "--out"),
     (("--device", "cuda:99"), "cuda"),
     (("--route", "town03", "--eval-every", 10), "--eval-every"),  # refused before connecting to CARLA
+    (("--prediction-weight", -1), "--prediction-weight"),
+    (("--prediction-weight", 1, "--encoder-update", "frozen"), "--encoder-update frozen"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
     out = ("--out", tmp_path / "run") if "--resume" not in args else ()

@@ -120,13 +120,17 @@ def validate_train_config(config: TrainConfig) -> None:
                      "--online-capacity": config.online_capacity, "--eval-every": config.eval_every,
                      "--eval-episodes": config.eval_episodes, "--eval-seed": config.eval_seed,
                      "--exploration-noise": config.exploration_noise,
-                     "--bc-alpha": 0.0 if config.bc_alpha is None else config.bc_alpha}
+                     "--bc-alpha": 0.0 if config.bc_alpha is None else config.bc_alpha,
+                     "--prediction-weight": config.prediction_weight}
     for name, value in positive.items():  # None: the device's default, filled in later
         if value is not None and value < 1:
             raise PipelineError(f"{name} must be at least 1, got {value}")
     for name, value in at_least_zero.items():
         if value < 0:
             raise PipelineError(f"{name} must be 0 or more, got {value}")
+    if config.prediction_weight > 0 and config.encoder_update == "frozen":
+        raise PipelineError("--prediction-weight trains the CNN, and --encoder-update frozen never does: "
+                            "drop one of them")
     if not 0.0 <= config.online_mix <= 1.0:
         raise PipelineError(f"--online-mix must be within [0, 1], got {config.online_mix}")
     if not 0.0 < config.gamma <= 1.0:
