@@ -6,7 +6,7 @@ interleaving repeats so both see the same machine load, and reports the median l
 Two stores:
 
 - ``racetrack``: expert laps recorded by ``pipeline collect``, written ``--copies`` times (real
-  frames; Blosc zstd shrinks them ~30x, so hashing the stored bytes is cheap next to decoding);
+  frames; zstd shrinks them ~18x, so hashing the stored bytes is cheap next to decoding);
 - ``noise``: synthetic uniform-noise frames, which do not compress: the stored bytes are as big
   as the decoded ones, the worst case for hashing.
 

@@ -19,26 +19,60 @@ import pytest
 from pipeline.datasets import writer_process
 from pipeline.datasets.collect import CollectConfig, collect
 from pipeline.datasets.store import EpisodeWriter, TransitionStore
-from pipeline.datasets.writer_process import StoreWriterProcess, receive_episode, send_episode
+from pipeline.datasets.writer_process import StoreWriterProcess
 from pipeline.errors import StoreError
 from tests.test_store import SPEC, assert_bits_equal, assert_episode_equal, make_episode
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and PR_SET_PDEATHSIG are Linux's")
 
 
-def test_an_episode_crosses_the_pipe_bit_for_bit():
-    episode = make_episode(3, 17)
-    episode.expert_action = np.full((17, 2), np.nan, np.float32)
-    episode.expert_action[::2] = 0.25
-    episode.info = {"route_completion": np.float32(0.5)}  # numpy scalars travel as JSON numbers
+def test_episodes_cross_the_pipe_bit_for_bit_in_one_message():
+    labelled, empty, unlabelled = make_episode(3, 17), make_episode(4, 0), make_episode(5, 40)
+    labelled.expert_action = np.full((17, 2), np.nan, np.float32)
+    labelled.expert_action[::2] = 0.25
+    labelled.info = {"route_completion": np.float32(0.5)}  # numpy scalars travel as JSON numbers
+    unlabelled.expert_action = None
+    episodes = [labelled, empty, unlabelled]
     receiving, sending = multiprocessing.Pipe(duplex=False)
-    sender = threading.Thread(target=send_episode, args=(sending, episode))  # the frames overfill the pipe
+    message = writer_process.pack_episodes(episodes)
+    sender = threading.Thread(target=sending.send_bytes, args=(message,))  # the frames overfill the pipe
     sender.start()
-    got = receive_episode(receiving, writer_process._recv_json(receiving))
+    got = writer_process.unpack_episodes(receiving.recv_bytes())
     sender.join()
-    assert_episode_equal(got, episode)
-    assert_bits_equal(got.expert_action, episode.expert_action)
-    assert got.info == {"route_completion": 0.5}
+    assert len(got) == 3
+    for want, have in zip(episodes, got):
+        assert_episode_equal(have, want)
+    assert_bits_equal(got[0].expert_action, labelled.expert_action)
+    assert got[2].expert_action is None
+    assert got[0].info == {"route_completion": 0.5}
+
+
+def test_an_episode_that_cannot_be_described_stops_the_writer_with_nothing_half_sent(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    bad = make_episode(1, 4)
+    bad.info = {"odd": object()}  # not JSON: the message fails before a byte is written
+    writer = StoreWriterProcess()
+    writer.open(url, SPEC)
+    writer.put(make_episode(0, 4))
+    writer.put(bad)
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        writer.finish()
+    store = TransitionStore(url)  # whole episodes only, and never the one that could not be sent
+    assert store.num_episodes <= 1 and 1 not in store.episodes["seed"].tolist()
+
+
+def test_put_hands_over_without_waking_anyone_and_commits_within_a_send_interval(tmp_path):
+    # the env loop's side of the hand-over is an append: the sender finds the episode on its own
+    url = str(tmp_path / "a.zarr")
+    with StoreWriterProcess() as writer:
+        writer.open(url, SPEC)
+        writer.put(make_episode(0, 4))
+        assert list(writer._outbox) and writer._outbox[0].seed == 0  # still here: nobody was woken
+        deadline = time.time() + writer_process.SEND_INTERVAL_S + writer_process.COMMIT_INTERVAL_S + 10
+        while writer.committed_episodes < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert writer.committed_episodes == 1 and not writer._outbox
+        writer.finish()
 
 
 def test_episodes_are_committed_in_order_with_counts(tmp_path):

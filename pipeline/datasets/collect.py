@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 
 from pipeline.cluster import dask_client, local_workers_for, probe_servers
-from pipeline.datasets.episode import Episode, EpisodeRecorder
+from pipeline.datasets.episode import Episode, EpisodeRecorder, EpisodeSummary
 from pipeline.datasets.writer_process import StoreWriterProcess
 from pipeline.errors import PipelineError
 from pipeline.progress import ProgressBar
@@ -312,7 +312,7 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
 
     with _progress_bar(progress, total=config.episodes, done=config.episodes - len(seeds)) as bar:
 
-        def on_commit(episode: Episode, committed: int) -> None:
+        def on_commit(episode: EpisodeSummary, committed: int) -> None:
             # runs on the writer's notice thread, under the env loop's GIL: a few additions only
             stats["steps"] += episode.length
             stats["returns"].append(episode.episode_return)

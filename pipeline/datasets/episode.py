@@ -54,10 +54,27 @@ class Episode:
     def episode_return(self) -> float:
         return float(self.reward.sum(dtype=np.float64))
 
+    def summary(self) -> "EpisodeSummary":
+        """What is said of the episode once it is stored, without its arrays."""
+        return EpisodeSummary(route=self.route, seed=self.seed, length=self.length,
+                              episode_return=self.episode_return, termination=self.termination, info=self.info)
+
     def observation(self, t: int) -> dict[str, np.ndarray]:
         """The dict observation at step ``t`` (0..T), rebuilt from the deduplicated frames."""
         k = self.frame_stack
         return {"image": self.frames[t : t + k], "vector": self.vector[t]}
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    """An :class:`Episode`'s description without its arrays (what a progress line reports)."""
+
+    route: str
+    seed: int
+    length: int
+    episode_return: float
+    termination: str
+    info: dict
 
 
 class EpisodeRecorder:

@@ -55,7 +55,7 @@ from datetime import datetime, timezone
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 import pipeline
@@ -78,13 +78,14 @@ EPISODE_CHUNK = 4096
 #: ``episodes/termination`` holds an index into this list ("" = not terminated by the env).
 TERMINATION_NAMES: tuple[str, ...] = ("", *TERMINATIONS)
 
-# Measured on highway-env racetrack frames (few grey levels, large flat areas), 256-frame chunks:
-# zstd level 3 compresses them ~32x, encodes a chunk in ~4-7 ms and decodes it in ~1 ms; level 5
-# gains ~20% in size for twice the encode time, which every append pays for the partly filled last
-# chunk. Byte shuffle is a no-op for 1-byte items; bitshuffle compressed these frames worse (~20x)
-# (it wins on noisy camera-like images: ~1.3x vs ~1.1x, both poor).
-_BYTE_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
-_NUMBER_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+# Measured on the car-mounted camera's frames (few grey levels, large flat areas), 256-frame chunks
+# (2026-12-06, benchmarks/results/collect_throughput.txt): plain zstd level 1 compresses them ~18x
+# and encodes a frame in ~5 us; Blosc's zstd at level 3, used before, compressed them the same
+# (~18x) in 13-26 us. Level 5 gains nothing here for 4x the time, and every append pays the encode
+# of the partly filled last chunk again. Byte shuffle is a no-op for 1-byte items; bitshuffle
+# compressed these frames worse. Numbers keep Blosc for its byte shuffle, which floats need.
+_BYTE_CODEC = ZstdCodec(level=1)
+_NUMBER_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 #: The data arrays, in the order a writer appends them.
 DATA_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
