@@ -64,6 +64,23 @@ def make_episode(seed: int, steps: int, spec: ObsSpec = SPEC, route: str = "race
     )
 
 
+def test_the_recorder_rebuilds_every_observation_of_a_long_episode_and_keeps_no_view_of_them():
+    from pipeline.datasets.episode import EpisodeRecorder
+
+    want = make_episode(3, 150)  # past the recorder's first buffer of 64 frames, twice
+    recorder = EpisodeRecorder(route=want.route, seed=want.seed)
+    observations = [{"image": want.frames[t : t + 4].copy(), "vector": want.vector[t].copy()} for t in range(151)]
+    recorder.start(observations[0])
+    for t in range(150):
+        recorder.add(want.action[t], want.reward[t], observations[t + 1], want.terminated[t], want.truncated[t])
+    for obs in observations:  # an env may reuse its observation arrays
+        obs["image"][:] = 0
+    got = recorder.finish(want.termination)
+    assert_episode_equal(got, want)
+    assert got.frames.flags.c_contiguous
+    assert np.isnan(got.expert_action).all() and got.expert_action.shape == (150, 2)
+
+
 def assert_bits_equal(a, b):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
