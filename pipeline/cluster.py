@@ -4,10 +4,16 @@ and the one-server-per-worker dispatch of ``--carla-servers``."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from typing import Callable, Iterator
 
 from pipeline.errors import PipelineError, SimulatorUnavailableError
+
+
+#: The environment dask's nannies give the workers of our local cluster (dask's default, less
+#: MALLOC_TRIM_THRESHOLD_): one thread per worker process for OpenMP, MKL and OpenBLAS.
+ONE_THREAD_EACH = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
 
 
 @contextlib.contextmanager
@@ -26,9 +32,17 @@ def dask_client(workers: int, scheduler: str | None):
             # Workers of our own cluster run without dask's statistical profiler: it samples the
             # worker's stack every 10 ms under the GIL, and recording ran ~7% faster without it
             # (benchmarks/results/collect_scaling.txt). The nannies hand this config to their workers.
-            with dask.config.set({"distributed.worker.profile.enabled": False}):
+            # Nor with dask's MALLOC_TRIM_THRESHOLD_=65536 (one thread each stays): glibc then hands
+            # freed heap back at once, and an env loop that allocates each step's frames took page
+            # faults for it: a worker drove ~20% slower. The nannies also write these variables into
+            # this process's environment, where processes started later inherit them; what they
+            # changed is put back when the cluster closes.
+            before = dict(os.environ)
+            with dask.config.set({"distributed.worker.profile.enabled": False,
+                                  "distributed.nanny.pre-spawn-environ": ONE_THREAD_EACH}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
+            changed_environ = {k: before.get(k) for k, v in os.environ.items() if before.get(k) != v}
             client = Client(cluster)
     except OSError as exc:
         if cluster is not None:
@@ -40,6 +54,11 @@ def dask_client(workers: int, scheduler: str | None):
         client.close()
         if cluster is not None:
             cluster.close()
+            for name, value in changed_environ.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 # -- one CARLA server per dask worker ------------------------------------------------------------

@@ -131,17 +131,32 @@ def test_dask_workers_commit_the_same_episodes(tmp_path):
     assert returns_a == pytest.approx(returns_b)
 
 
-def test_our_local_cluster_runs_its_workers_without_the_profiler():
-    """dask's statistical profiler samples each worker every 10 ms under the GIL; the cluster that
-    `collect --workers N` starts turns it off in its workers (and leaves the caller's config alone)."""
+def test_our_local_cluster_runs_its_workers_without_the_profiler_or_dasks_malloc_trim(monkeypatch):
+    """dask's statistical profiler samples each worker every 10 ms under the GIL, and dask's
+    MALLOC_TRIM_THRESHOLD_=65536 made an env loop's heap fault back in at every step (a worker drove
+    ~20% slower); the cluster that `collect --workers N` starts turns both off in its workers, keeps
+    one thread per worker, and leaves the caller's config and environment as they were."""
     import dask
 
     from pipeline.cluster import dask_client
 
+    for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
+        monkeypatch.delenv(name, raising=False)
+    environment = dict(os.environ)
+
+    def worker_settings():
+        import os
+
+        import dask
+
+        return (dask.config.get("distributed.worker.profile.enabled"),
+                os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"))
+
     with dask_client(1, None) as client:
-        seen = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
-    assert list(seen.values()) == [False]
+        seen = client.run(worker_settings)
+    assert list(seen.values()) == [(False, None, "1")]
     assert dask.config.get("distributed.worker.profile.enabled") is True
+    assert dict(os.environ) == environment  # the nannies wrote their variables here; they are gone
 
 
 def test_collect_joins_an_existing_dask_scheduler(tmp_path):
