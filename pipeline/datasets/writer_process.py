@@ -8,7 +8,7 @@ Why the hand-over is timed, not signalled: every time another thread of the coll
 GIL, the env loop waits for that thread to be scheduled and to give it back, about 0.15 ms on the
 2-core VM we measure on. A sender woken per finished episode, with a system call per array, held
 collect at 0.90 of the raw env rate with short random episodes, even with a writer that stored
-nothing. So :meth:`StoreWriterProcess.put` only appends to a list, and a sender thread looks every
+nothing. So :meth:`StoreWriterProcess.put` only appends to a deque, and a sender thread looks every
 ``SEND_INTERVAL_S`` and sends everything waiting as one message, through a pipe widened to 1 MiB.
 
     >>> with StoreWriterProcess() as writer:              # the process starts; no store is touched
@@ -25,8 +25,8 @@ or ``error``.
 Crash guarantees are the store's: only whole episodes are ever committed. If the collecting process
 dies (kill -9), the writer dies with it (Linux: ``PR_SET_PDEATHSIG``; elsewhere it stops at the
 pipe's end) and writes nothing more, so a kill loses at most the episodes in flight (those of the
-last ``SEND_INTERVAL_S`` + ``COMMIT_INTERVAL_S``, 1.25 s, besides the ones being driven) and a following
-``--resume`` is the store's only writer. Ctrl-C reaches the collector alone: the writer ignores
+last ``SEND_INTERVAL_S`` + ``COMMIT_INTERVAL_S``, 1.25 s, besides the ones being driven) and a
+following ``--resume`` is the store's only writer. Ctrl-C reaches the collector alone: the writer ignores
 SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over before it returns.
 """
 
