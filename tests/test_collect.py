@@ -150,12 +150,14 @@ def test_our_local_cluster_runs_its_workers_without_the_profiler_or_dasks_malloc
         import dask
 
         return (dask.config.get("distributed.worker.profile.enabled"),
-                os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"))
+                os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
+                dask.config.get("distributed.admin.tick.interval"))
 
     with dask_client(1, None) as client:
         seen = client.run(worker_settings)
-    assert list(seen.values()) == [(False, None, "1")]
+    assert list(seen.values()) == [(False, None, "1", "1s")]  # its event loop wakes every 1 s, not 20 ms
     assert dask.config.get("distributed.worker.profile.enabled") is True
+    assert dask.config.get("distributed.admin.tick.interval") != "1s"
     assert dict(os.environ) == environment  # the nannies wrote their variables here; they are gone
 
 
