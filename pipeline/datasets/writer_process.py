@@ -26,8 +26,9 @@ Crash guarantees are the store's: only whole episodes are ever committed. If the
 dies (kill -9), the writer dies with it (Linux: ``PR_SET_PDEATHSIG``; elsewhere it stops at the
 pipe's end) and writes nothing more, so a kill loses at most the episodes in flight (those of the
 last ``SEND_INTERVAL_S`` + ``COMMIT_INTERVAL_S``, 1.25 s, besides the ones being driven) and a
-following ``--resume`` is the store's only writer. Ctrl-C reaches the collector alone: the writer ignores
-SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over before it returns.
+following ``--resume`` is the store's only writer. Ctrl-C reaches the collector alone: the writer
+ignores SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over before it
+returns.
 """
 
 from __future__ import annotations
