@@ -27,7 +27,7 @@ def dask_client(workers: int, scheduler: str | None):
     import dask
     from dask.distributed import Client, LocalCluster
 
-    cluster = None
+    cluster, changed_environ = None, {}
     try:
         if scheduler:
             client = Client(scheduler, timeout="10s")
@@ -55,6 +55,7 @@ def dask_client(workers: int, scheduler: str | None):
     except OSError as exc:
         if cluster is not None:
             cluster.close()
+            _put_back(changed_environ)
         raise PipelineError(f"cannot reach the dask scheduler {scheduler or 'of a local cluster'}: {exc}") from None
     try:
         yield client
@@ -62,11 +63,16 @@ def dask_client(workers: int, scheduler: str | None):
         client.close()
         if cluster is not None:
             cluster.close()
-            for name, value in changed_environ.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            _put_back(changed_environ)
+
+
+def _put_back(environ: dict[str, str | None]) -> None:
+    """Give these environment variables their earlier values (None: it was not set)."""
+    for name, value in environ.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # -- one CARLA server per dask worker ------------------------------------------------------------

@@ -61,8 +61,10 @@ def test_an_episode_that_cannot_be_described_stops_the_writer_with_nothing_half_
     assert store.num_episodes <= 1 and 1 not in store.episodes["seed"].tolist()
 
 
-def test_put_hands_over_without_waking_anyone_and_commits_within_a_send_interval(tmp_path):
+def test_put_hands_over_without_waking_anyone_and_commits_within_a_send_interval(tmp_path, monkeypatch):
     # the env loop's side of the hand-over is an append: the sender finds the episode on its own
+    # (a 2 s interval, so that a slow machine cannot have the sender look before the check below)
+    monkeypatch.setattr(writer_process, "SEND_INTERVAL_S", 2.0)
     url = str(tmp_path / "a.zarr")
     with StoreWriterProcess() as writer:
         writer.open(url, SPEC)

@@ -312,13 +312,13 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
 
     with _progress_bar(progress, total=config.episodes, done=config.episodes - len(seeds)) as bar:
 
-        def on_commit(episode: EpisodeSummary, committed: int) -> None:
+        def on_commit(summary: EpisodeSummary, committed: int) -> None:
             # runs on the writer's notice thread, under the env loop's GIL: a few additions only
-            stats["steps"] += episode.length
-            stats["returns"].append(episode.episode_return)
-            stats["completions"].append(float(episode.info.get("route_completion", 0.0)))
-            stats["terminations"][episode.termination] = stats["terminations"].get(episode.termination, 0) + 1
-            stats["return_sum"] += episode.episode_return
+            stats["steps"] += summary.length
+            stats["returns"].append(summary.episode_return)
+            stats["completions"].append(float(summary.info.get("route_completion", 0.0)))
+            stats["terminations"][summary.termination] = stats["terminations"].get(summary.termination, 0) + 1
+            stats["return_sum"] += summary.episode_return
             elapsed = max(time.perf_counter() - started, 1e-9)
             done = len(stats["returns"])
             bar.update(completed=config.episodes - len(seeds) + done, sps=stats["steps"] / elapsed,
