@@ -24,6 +24,7 @@ import pipeline
 from pipeline.datasets.episode import Episode
 from pipeline.datasets.store import (
     FORMAT_NAME,
+    FRAME_CHUNK,
     FORMAT_VERSION,
     EpisodeWriter,
     TransitionStore,
@@ -485,6 +486,52 @@ def test_summary_of_an_empty_store(tmp_path):
     summary = TransitionStore(url).summary()
     assert summary["episodes"] == summary["transitions"] == 0
     assert summary["return_mean"] is None and summary["bytes_per_transition"] is None
+
+
+def test_staged_episodes_write_the_chunks_they_fill_and_stay_invisible_until_the_commit(tmp_path):
+    episodes = [make_episode(0, 300), make_episode(1, 17), make_episode(2, 200)]
+    frames = sum(len(ep.frames) for ep in [make_episode(9, 40), *episodes])
+    assert frames % FRAME_CHUNK and frames // FRAME_CHUNK == 2  # two whole chunks and a partial one
+    url, reference = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    write(reference, [make_episode(9, 40), *episodes])
+    writer = EpisodeWriter(url, SPEC)
+    writer.append(make_episode(9, 40))  # a committed tail in the first chunk
+    writer.stage(episodes[:1])
+    assert sorted(p.name for p in (Path(url) / "frames" / "c").iterdir()) == ["0"]
+    writer.stage(episodes[1:])
+    # the two whole chunks are written, the partial third one waits for the commit
+    assert sorted(p.name for p in (Path(url) / "frames" / "c").iterdir()) == ["0", "1"]
+    assert TransitionStore(url).num_episodes == 1  # staged is not committed
+    assert writer.commit() == 4
+    writer.close()
+    got, want = TransitionStore(url), TransitionStore(reference)
+    assert got.num_frames == want.num_frames == frames
+    np.testing.assert_array_equal(got.frames[:], want.frames[:])
+    for name in want.episodes:
+        np.testing.assert_array_equal(got.episodes[name], want.episodes[name])
+    for i, ep in enumerate(episodes, start=1):
+        assert_episode_equal(got.episode(i), ep)
+
+
+def test_a_bad_episode_stages_nothing_and_a_failed_write_drops_what_was_staged(tmp_path, monkeypatch):
+    url = str(tmp_path / "a.zarr")
+    writer = EpisodeWriter(url, SPEC)
+    writer.append(make_episode(0, 10))
+    bad = make_episode(2, 5)
+    bad.termination = "flying"
+    with pytest.raises(ValueError, match="unknown termination"):
+        writer.stage([make_episode(1, 300), bad])  # the good one before it is not staged either
+    writer.stage([make_episode(1, 300)])
+    with monkeypatch.context() as m:
+        m.setattr(EpisodeWriter, "_write_rows", lambda self: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(StoreError, match="disk full.*the 1 committed episodes are intact"):
+            writer.commit()
+    assert writer.commit() == 1  # nothing is left staged
+    assert writer.append(make_episode(3, 7)) == 2
+    writer.close()
+    store = TransitionStore(url)
+    assert_episode_equal(store.episode(0), make_episode(0, 10))
+    assert_episode_equal(store.episode(1), make_episode(3, 7))
 
 
 def test_append_many_commits_a_batch_like_single_appends(tmp_path):

@@ -103,16 +103,16 @@ def test_open_errors_are_the_writers_own(tmp_path):
 def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
     # fork hands this wrapper to the writer: it records which process appends
     pids = tmp_path / "pids"
-    original = EpisodeWriter.append_many
+    original = EpisodeWriter.commit
 
-    def recording(self, episodes, sources=None):
+    def recording(self):
         import zarr
 
         with open(pids, "a") as f:
             f.write(f"{os.getpid()} {zarr.config.get('threading.max_workers')}\n")
-        return original(self, episodes, sources)
+        return original(self)
 
-    monkeypatch.setattr(EpisodeWriter, "append_many", recording)
+    monkeypatch.setattr(EpisodeWriter, "commit", recording)
     summary = collect(CollectConfig(out=str(tmp_path / "c.zarr"), episodes=3, policy="random", max_steps=20),
                       progress=False)
     assert summary["episodes_committed"] == 3

@@ -25,8 +25,9 @@ transition ``step_offset + t``.
 Crash safety comes from the write order. For each episode the writer (1) resizes and writes the
 data arrays, (2) writes the episodes-table row, (3) sets ``committed_episodes`` last. Readers use
 only the first ``committed_episodes`` rows, so a process killed at any moment leaves whole episodes
-visible; arrays longer than the committed rows imply are uncommitted tails, which opening for
-append cuts off. Each chunk and each metadata document is replaced atomically by the stores we use
+visible (:meth:`EpisodeWriter.stage` writes the data chunks that staged episodes fill before their
+commit: more of step (1) done early, the order the same); arrays longer than the committed rows
+imply are uncommitted tails, which opening for append cuts off. Each chunk and each metadata document is replaced atomically by the stores we use
 (local files via rename, object stores via PUT), so a kill mid-write never tears committed data.
 
 ``attrs["checksums"]`` maps every chunk object's key (``frames/c/3/0/0``) to the sha256 of its
@@ -47,6 +48,7 @@ teammate's store never unpickles or runs anything it names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import posixpath
 import uuid
@@ -512,10 +514,13 @@ def open_store(url: str, storage_options: dict | None = None, cache: str | None 
 class _Column:
     """One appendable array plus a copy of the committed rows in its partially filled last chunk.
 
+    Rows are staged (:meth:`stage`), written (:meth:`write`) and then committed (:meth:`commit`).
     A write covers whole chunks only: from the chunk holding the committed end (its committed rows
-    come from ``tail``) to the chunk holding the new end, padded with the fill value. So zarr
-    never reads a chunk back, and the array is resized only when it needs another chunk; until
-    :meth:`trim` its length is a whole number of chunks, past the committed end.
+    come from ``tail``) on, the last one padded with the fill value. So zarr never reads a chunk
+    back, and the array is resized only when it needs another chunk; until :meth:`trim` its length
+    is a whole number of chunks, past the committed end. ``write(whole_chunks_only=True)`` writes
+    just the chunks the staged rows have filled, so a writer can compress them as they come and
+    leave only the last, partial chunk for its commit.
     """
 
     def __init__(self, array: zarr.Array, end: int):
@@ -528,28 +533,51 @@ class _Column:
         # round trip to zarr's event loop, and a store's 16 of them were a third of its creation
         self.tail = (np.zeros((0, *array.shape[1:]), array.dtype) if end % self.chunk == 0
                      else np.asarray(array[end - end % self.chunk : end]))
-        self._block: np.ndarray | None = None
-        self._pending_end = end
+        self.discard()
 
-    async def write(self, rows: np.ndarray) -> None:
-        """Write ``rows`` after the committed end (growing the array by whole chunks)."""
-        start, stop = self.end - len(self.tail), self.end + len(rows)
-        padded_stop = -(-stop // self.chunk) * self.chunk
-        block = np.zeros((padded_stop - start, *self.array.shape[1:]), rows.dtype)
-        block[: len(self.tail)] = self.tail
-        block[len(self.tail) : stop - start] = rows
-        if self.array.shape[0] < padded_stop:
-            await self.array.resize((padded_stop, *self.array.shape[1:]))
-        if len(rows):
-            await self.array.setitem(slice(start, padded_stop), block)
-        self._block, self._pending_end = block, stop
+    def discard(self) -> None:
+        """Forget the staged rows (after a failed write): the next write starts at the committed end."""
+        self._start = self.end - len(self.tail)  # the first row not yet in a whole written chunk
+        self._unwritten = [self.tail]  # the rows from _start on: the committed tail, then staged rows
+        self._num_unwritten = len(self.tail)
+        self._staged = 0  # rows staged after the committed end
+        self._fresh = False  # rows staged since the last write
+
+    def stage(self, rows: np.ndarray) -> None:
+        """Add ``rows`` after the committed end and the rows staged before (nothing is written yet)."""
+        self._unwritten.append(rows)
+        self._num_unwritten += len(rows)
+        self._staged += len(rows)
+        self._fresh = self._fresh or len(rows) > 0
+
+    async def write(self, whole_chunks_only: bool = False) -> None:
+        """Write the staged rows: all of them (the last chunk padded), or only the chunks they fill."""
+        count = self._num_unwritten // self.chunk * self.chunk
+        if (whole_chunks_only and count == 0) or not self._fresh:
+            return
+        rows = np.concatenate(self._unwritten) if len(self._unwritten) > 1 else self._unwritten[0]
+        if not whole_chunks_only:
+            count = -(-len(rows) // self.chunk) * self.chunk
+        block = rows[:count]
+        if len(block) < count:
+            block = np.zeros((count, *rows.shape[1:]), rows.dtype)
+            block[: len(rows)] = rows
+        if self.array.shape[0] < self._start + count:
+            await self.array.resize((self._start + count, *self.array.shape[1:]))
+        await self.array.setitem(slice(self._start, self._start + count), block)
+        # Rows in whole chunks are on disk for good; the rest stays for the next write.
+        done = len(rows) // self.chunk * self.chunk
+        self._start += done
+        self._unwritten = [rows[done:].copy() if done else rows]
+        self._num_unwritten = len(rows) - done
+        self._fresh = whole_chunks_only and self._num_unwritten > 0
 
     def commit(self) -> None:
-        """The last write is committed: move the end past it and keep the new partial chunk."""
-        start = self.end - len(self.tail)
-        self.end = self._pending_end
-        self.tail = self._block[self.end - self.end % self.chunk - start : self.end - start].copy()
-        self._block = None
+        """The last :meth:`write` covered every staged row: move the end past them."""
+        self.end += self._staged
+        # a copy: the staged rows may be the caller's arrays, which are theirs again after the commit
+        self.tail = np.concatenate(self._unwritten) if len(self._unwritten) > 1 else self._unwritten[0].copy()
+        self.discard()
 
     async def trim(self) -> None:
         """Cut the array to the committed end (drops padding and any uncommitted rows)."""
@@ -561,6 +589,16 @@ class _Column:
         if self.end % self.chunk == 0:
             return None
         return chunk_key(self.array, self.end // self.chunk)
+
+    @property
+    def fills_a_chunk(self) -> bool:
+        """Whether the rows not yet written fill a whole chunk."""
+        return self._num_unwritten >= self.chunk
+
+    @property
+    def staged_end(self) -> int:
+        """The end after the staged rows."""
+        return self.end + self._staged
 
 
 def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
@@ -674,6 +712,7 @@ class EpisodeWriter:
         except OSError as e:
             raise StoreError(f"cannot write dataset store at {self.url}: {reason(e)}") from None
         self._routes: list[str] = list(self.group.attrs["routes"])
+        self._staged_routes, self._staged_episodes = list(self._routes), 0
         self._num_sources = len(self.group.attrs.get("sources", []))
         self._closed = False
 
@@ -840,15 +879,24 @@ class EpisodeWriter:
         Same guarantees as :meth:`append`, with one data write, one row write and one commit for
         the lot, which is what keeps a writer of many short episodes off the collector's back.
         """
+        self.stage(episodes, sources)
+        return self.commit()
+
+    def stage(self, episodes: list[Episode], sources: list[int] | None = None) -> None:
+        """Add whole episodes to the next :meth:`commit`; none is visible before it.
+
+        The frame chunks they fill are compressed and written now, so a commit is left with the
+        last, partial chunk of each array only. Their arrays are read until that commit: do not
+        change them before. A bad episode (wrong shape, unknown source or termination) raises
+        before any of ``episodes`` is staged; a failed write drops everything staged.
+        """
         if self._closed:
             raise StoreError(f"writer for {self.url} is closed")
         sources = [-1] * len(episodes) if sources is None else list(sources)
         if len(sources) != len(episodes):
             raise ValueError("give one source per episode")
-        if not episodes:
-            return self._committed
-        routes = list(self._routes)
-        ends = {name: self._columns[name].end for name in ("frames", "vector", "action")}
+        routes = list(self._staged_routes)
+        ends = {name: self._columns[name].staged_end for name in ("frames", "vector", "action")}
         data: dict[str, list[np.ndarray]] = {}
         rows: dict[str, list] = {name: [] for name in EPISODE_COLUMNS}
         for episode, source in zip(episodes, sources):
@@ -874,28 +922,58 @@ class EpisodeWriter:
                 data.setdefault(name, []).append(value)
             for name in ends:
                 ends[name] += len(arrays[name])
+        for name, parts in data.items():
+            for part in parts:
+                self._columns[name].stage(part)
+        for name, values in rows.items():
+            self._table[name].stage(np.array(values, dtype=EPISODE_COLUMNS[name]))
+        self._staged_routes = routes
+        self._staged_episodes += len(episodes)
+        filled = [column for column in self._columns.values() if column.fills_a_chunk]
+        if filled:  # each trip to zarr's event loop costs ~1 ms: none when there is nothing to write
+            with self._dropped_on_failure():
+                _gather(*(column.write(whole_chunks_only=True) for column in filled))
+
+    def commit(self) -> int:
+        """Make the staged episodes part of the store, atomically; returns the committed count.
+
+        Raises :class:`StoreError` if the store cannot be written; the episodes committed before
+        stay intact, and what was staged is dropped.
+        """
+        if not self._staged_episodes:
+            return self._committed
+        with self._dropped_on_failure():
+            self._write_data()
+            self._write_rows()
+            self._commit(self._committed + self._staged_episodes, self._staged_routes)
+        for column in (*self._columns.values(), *self._table.values()):
+            column.commit()
+        self._committed += self._staged_episodes
+        self._staged_episodes = 0
+        self._routes = list(self._staged_routes)
+        return self._committed
+
+    @contextlib.contextmanager
+    def _dropped_on_failure(self):
+        """An OSError inside: drop what is staged and say so as a StoreError."""
         try:
-            self._write_data({name: np.concatenate(parts) for name, parts in data.items()})
-            self._write_rows({name: np.array(values, dtype=EPISODE_COLUMNS[name]) for name, values in rows.items()})
-            self._commit(self._committed + len(episodes), routes)
+            yield
         except OSError as e:
+            for column in (*self._columns.values(), *self._table.values()):
+                column.discard()
+            self._staged_episodes, self._staged_routes = 0, list(self._routes)
             raise StoreError(
                 f"writing episode {self._committed} to {self.url} failed ({reason(e)}); "
                 f"the {self._committed} committed episodes are intact"
             ) from None
-        for column in (*self._columns.values(), *self._table.values()):
-            column.commit()
-        self._committed += len(episodes)
-        self._routes = routes
-        return self._committed
 
-    # The three steps of an append, in the order that makes a crash harmless (see module doc).
+    # The three steps of a commit, in the order that makes a crash harmless (see module doc).
 
-    def _write_data(self, arrays: dict[str, np.ndarray]) -> None:
-        _gather(*(self._columns[name].write(rows) for name, rows in arrays.items()))
+    def _write_data(self) -> None:
+        _gather(*(column.write() for column in self._columns.values()))
 
-    def _write_rows(self, rows: dict[str, np.ndarray]) -> None:
-        _gather(*(self._table[name].write(values) for name, values in rows.items()))
+    def _write_rows(self) -> None:
+        _gather(*(column.write() for column in self._table.values()))
 
     def _commit(self, committed: int, routes: list[str]) -> None:
         # One metadata document: routes, checksums and the count change together, atomically.

@@ -162,6 +162,22 @@ def _read_episodes(conn, inbox: queue.Queue) -> None:
         inbox.put(_LOST)
 
 
+def _arrivals(inbox: queue.Queue, wait: float | None, limit: int) -> tuple[list[Episode], str | None]:
+    """The next episode of ``inbox`` (waiting up to ``wait`` seconds; None: as long as it takes)
+    with those already behind it, up to ``limit``; and ``_END`` or ``_LOST`` if that came next."""
+    episodes: list[Episode] = []
+    with contextlib.suppress(queue.Empty):
+        item = inbox.get(timeout=wait)
+        while isinstance(item, Episode):
+            episodes.append(item)
+            if len(episodes) >= limit:
+                break
+            item = inbox.get_nowait()
+        else:
+            return episodes, item
+    return episodes, None
+
+
 def _serve(episodes_conn, replies_conn, parent_ends) -> None:
     """The writer process: open the store when told, then commit episodes in order until the end."""
     # Ctrl-C and SIGTERM are the collector's to handle: it hands over the episodes it has finished,
@@ -197,23 +213,24 @@ def _serve(episodes_conn, replies_conn, parent_ends) -> None:
     inbox: queue.Queue = queue.Queue(maxsize=IN_FLIGHT)  # full: the pipe fills, the collector waits
     threading.Thread(target=_read_episodes, args=(episodes_conn, inbox), daemon=True).start()
     try:
+        # Episodes are staged as they come (the frame chunks they fill are compressed at once) and
+        # committed together every COMMIT_INTERVAL_S: one commit per short episode costs more store
+        # work than the episodes' own bytes. So at the end only the last partial chunks are left.
+        staged, deadline = 0, None
         while True:
-            # Episodes finishing within COMMIT_INTERVAL_S share one commit: one commit per short
-            # episode costs more store work than the episodes' own bytes.
-            batch = [inbox.get()]
-            deadline = time.monotonic() + COMMIT_INTERVAL_S
-            while isinstance(batch[-1], Episode) and len(batch) < MAX_BATCH:
-                try:
-                    batch.append(inbox.get(timeout=max(deadline - time.monotonic(), 0.0)))
-                except queue.Empty:
-                    break
-            if batch[-1] is _LOST:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            episodes, end = _arrivals(inbox, wait, MAX_BATCH - staged)
+            if end is _LOST:
                 os._exit(1)  # the collector is gone without saying the end: write nothing more
-            last = batch.pop() if batch[-1] is _END else None
-            if batch:
-                committed = writer.append_many(batch)
-                _send_json(replies_conn, {"op": "committed", "episodes": len(batch), "committed": committed})
-            if last is _END:
+            if episodes:
+                writer.stage(episodes)
+                staged += len(episodes)
+                deadline = deadline or time.monotonic() + COMMIT_INTERVAL_S
+            if staged and (end is _END or staged >= MAX_BATCH or time.monotonic() >= deadline):
+                committed = writer.commit()
+                _send_json(replies_conn, {"op": "committed", "episodes": staged, "committed": committed})
+                staged, deadline = 0, None
+            if end is _END:
                 writer.close()
                 _send_json(replies_conn, {"op": "closed", "committed": writer.committed_episodes})
                 return
