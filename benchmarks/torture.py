@@ -17,7 +17,7 @@ cores. Small data throughout: 2-4 short episodes.
     python benchmarks/torture.py [--trials 20] [--seed 0] [--only collect,merge]
 
 Prints one line per failure, a summary per command, and ``torture_trials=N failures=M`` last.
-Output also goes to benchmarks/results/torture.txt.
+The same lines are appended to benchmarks/results/torture.txt.
 """
 
 from __future__ import annotations
@@ -321,8 +321,10 @@ def main() -> None:
     lines.append(f"torture_trials={trials} failures={failures}")
     print("\n".join(lines[-2:]))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(f"# python benchmarks/torture.py --trials {args.trials} --seed {args.seed}\n"
-                       + "\n".join(lines) + "\n")
+    with RESULTS.open("a") as results:  # appended: earlier runs are the history of the figures
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        results.write(f"# {when}: python benchmarks/torture.py --trials {args.trials} --seed {args.seed}\n"
+                      + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
