@@ -50,8 +50,8 @@ class CollectConfig:
 
     @functools.cached_property
     def routes(self) -> list:
-        """The :class:`~pipeline.envs.routes.Route` s ``route`` names, resolved once (a route file
-        is read once, not per episode)."""
+        """The routes (:class:`~pipeline.envs.routes.Route`) that ``route`` names, resolved once per
+        config: a route file is read once, not once per episode."""
         from pipeline.envs import resolve_routes
 
         return resolve_routes(self.route)

@@ -27,8 +27,9 @@ data arrays, (2) writes the episodes-table row, (3) sets ``committed_episodes`` 
 only the first ``committed_episodes`` rows, so a process killed at any moment leaves whole episodes
 visible (:meth:`EpisodeWriter.stage` writes the data chunks that staged episodes fill before their
 commit: more of step (1) done early, the order the same); arrays longer than the committed rows
-imply are uncommitted tails, which opening for append cuts off. Each chunk and each metadata document is replaced atomically by the stores we use
-(local files via rename, object stores via PUT), so a kill mid-write never tears committed data.
+imply are uncommitted tails, which opening for append cuts off. Each chunk and each metadata
+document is replaced atomically by the stores we use (local files via rename, object stores via
+PUT), so a kill mid-write never tears committed data.
 
 ``attrs["checksums"]`` maps every chunk object's key (``frames/c/3/0/0``) to the sha256 of its
 bytes as stored (encoded), recorded by the writer as it writes them and committed together with
