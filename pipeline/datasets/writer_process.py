@@ -105,7 +105,11 @@ def pack_episodes(episodes: list[Episode]) -> bytes:
 
 def unpack_episodes(message: bytes) -> list[Episode]:
     """The episodes of one :func:`pack_episodes` message (their arrays view the message's bytes)."""
-    header, offset = _unframed(message)
+    return _episodes_of(message, *_unframed(message))
+
+
+def _episodes_of(message: bytes, header: dict, offset: int) -> list[Episode]:
+    """The episodes an ``episodes`` message's ``header`` describes, from its bytes at ``offset`` on."""
     episodes = []
     for described in header["episodes"]:
         arrays = {}
@@ -153,10 +157,11 @@ def _read_episodes(conn, inbox: queue.Queue) -> None:
     try:
         while True:
             message = conn.recv_bytes()
-            if _unframed(message)[0]["op"] == "end":
+            header, offset = _unframed(message)
+            if header["op"] == "end":
                 inbox.put(_END)
                 return
-            for episode in unpack_episodes(message):
+            for episode in _episodes_of(message, header, offset):
                 inbox.put(episode)
     except (EOFError, OSError):
         inbox.put(_LOST)
