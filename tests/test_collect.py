@@ -120,16 +120,29 @@ def test_a_stop_signal_keeps_every_finished_episode(tmp_path, stop, to_group):
 
 
 def test_dask_workers_commit_the_same_episodes(tmp_path):
+    """40 short episodes: after the first of each worker, tasks carry several episodes each."""
     single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
-    common = ("--episodes", 4, "--policy", "random", "--max-steps", 30, "--quiet")
+    common = ("--episodes", 40, "--policy", "random", "--max-steps", 30, "--quiet")
     assert run_cli("collect", "--out", single, *common).returncode == 0
     result = run_cli("collect", "--out", multi, "--workers", 2, *common)
     assert result.returncode == 0, result.stderr
     a, b = TransitionStore(str(single)), TransitionStore(str(multi))
-    assert a.num_episodes == b.num_episodes == 4
+    assert a.num_episodes == b.num_episodes == 40
+    assert sorted(b.episodes["seed"].tolist()) == list(range(40))
     returns_a = dict(zip(a.episodes["seed"].tolist(), a.episodes["return"].tolist()))
     returns_b = dict(zip(b.episodes["seed"].tolist(), b.episodes["return"].tolist()))
     assert returns_a == pytest.approx(returns_b)
+
+
+def test_dask_tasks_carry_about_a_second_of_episodes_and_shrink_at_the_end():
+    from pipeline.datasets.collect import TASK_EPISODES, TASK_STEPS, task_size
+
+    assert task_size(None, 1000, 2) == 1  # no episode back yet: their length is unknown
+    assert task_size(260.0, 1000, 2) == TASK_STEPS // 260  # expert laps: a few per task
+    assert task_size(11.0, 100_000, 2) == TASK_EPISODES  # short random episodes: capped
+    assert task_size(5000.0, 1000, 2) == 1  # episodes longer than a task (CARLA): one each
+    assert task_size(11.0, 40, 2) == 5  # near the end: a quarter of each worker's share
+    assert task_size(11.0, 3, 2) == 1
 
 
 def test_our_local_cluster_runs_its_workers_without_the_profiler_or_dasks_malloc_trim(monkeypatch):
@@ -172,8 +185,8 @@ def test_collect_joins_an_existing_dask_scheduler(tmp_path):
                          "--scheduler", cluster.scheduler_address, "--out", out, "--quiet")
         assert result.returncode == 0, result.stderr
         prefixes = cluster.scheduler.task_prefixes  # the episodes ran on that cluster
-        assert "run_episode" in prefixes
-        assert sum(prefixes["run_episode"].state_counts.values()) >= 3
+        assert "run_episodes" in prefixes
+        assert sum(prefixes["run_episodes"].state_counts.values()) >= 1
     assert TransitionStore(str(out)).num_episodes == 3
 
 
