@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections import deque
 from typing import Callable, Iterator
 
@@ -17,6 +19,15 @@ ONE_THREAD_EACH = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THR
 #: How often the event loops of our local cluster wake up on their own (dask: 20 ms, 100 ms, 500 ms).
 QUIET_EVENT_LOOPS = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s",
                      "distributed.admin.system-monitor.interval": "2s"}
+
+
+def dask_setup(worker) -> None:
+    """dask's preload hook (``distributed.worker.preload``), run in each worker of our local cluster
+    as it starts. A terminal's Ctrl-C reaches the whole process group; the driver handles it (it
+    commits what it has, then closes the cluster), and a worker that took it as well printed
+    KeyboardInterrupt tracebacks beside the driver's one line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -47,6 +58,7 @@ def dask_client(workers: int, scheduler: str | None):
             before = dict(os.environ)
             with dask.config.set({"distributed.worker.profile.enabled": False,
                                   "distributed.nanny.pre-spawn-environ": ONE_THREAD_EACH,
+                                  "distributed.worker.preload": ["pipeline.cluster"],
                                   **QUIET_EVENT_LOOPS}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=50)
