@@ -149,6 +149,30 @@ def test_dask_tasks_carry_about_a_second_of_episodes_and_shrink_at_the_end():
     assert task_size(11.0, 3, 2) == 1
 
 
+def test_ctrl_c_keeps_the_episodes_of_the_dask_tasks_running():
+    """A dask task drives several episodes and returns them together: on Ctrl-C collect waits for
+    the tasks in flight, so that the episodes the workers finished are kept, not dropped."""
+    import threading
+
+    from pipeline.cluster import dask_client
+    from pipeline.datasets.collect import CollectConfig, _episodes_on
+
+    config = CollectConfig(out="unused", episodes=40, policy="random", max_steps=30)
+    with dask_client(1, None) as client:
+        episodes = _episodes_on(client)(config, list(range(40)), threading.Event())
+        first = next(episodes)
+        try:  # Ctrl-C while the driver waits in the source
+            kept = [episodes.throw(KeyboardInterrupt)]
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C dropped the episodes of the dask tasks in flight")
+        with pytest.raises(KeyboardInterrupt):  # ... which is raised again once they are in
+            while True:
+                kept.append(next(episodes))
+    seeds = [first.seed] + [e.seed for e in kept]
+    assert len(set(seeds)) == len(seeds) and len(kept) >= 1  # the window's other task came back
+    assert all(len(e.vector) == e.length + 1 for e in kept)  # whole episodes
+
+
 def test_our_local_cluster_runs_its_workers_without_the_profiler_or_dasks_malloc_trim(monkeypatch):
     """dask's statistical profiler samples each worker every 10 ms under the GIL, and dask's
     MALLOC_TRIM_THRESHOLD_=65536 made an env loop's heap fault back in at every step (a worker drove

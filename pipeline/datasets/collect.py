@@ -212,6 +212,8 @@ def _episodes_local(config: CollectConfig, seeds, stop: threading.Event):
 #: and its writer taking 0.11 cores of the 2 instead of 0.17 (benchmarks/results/collect_scaling.txt).
 TASK_STEPS = 2048
 TASK_EPISODES = 64
+#: On Ctrl-C, how long collect waits for the episodes of the dask tasks running (about a task).
+INTERRUPT_WAIT_S = 3.0
 
 
 def run_episodes(config: CollectConfig, episode_seeds: list[int]) -> list[Episode]:
@@ -240,23 +242,40 @@ def _episodes_on(client):
         pending, left = iter(seeds), len(seeds)
         workers = max(sum(client.nthreads().values()), 1)
         returned_episodes = returned_steps = 0
+        in_flight: set = set()
 
         def submit_next() -> list:
             nonlocal left
             mean_steps = returned_steps / returned_episodes if returned_episodes else None
             batch = list(itertools.islice(pending, task_size(mean_steps, left, workers)))
             left -= len(batch)
-            return [client.submit(run_episodes, config, batch, pure=False)] if batch else []
+            futures = [client.submit(run_episodes, config, batch, pure=False)] if batch else []
+            in_flight.update(futures)
+            return futures
 
-        running = as_completed([future for _ in range(2 * workers) for future in submit_next()])
-        for future in running:
-            if stop.is_set():
-                break
+        def episodes_of(future):
+            nonlocal returned_episodes, returned_steps
+            in_flight.discard(future)
             for episode in future.result():
                 returned_episodes, returned_steps = returned_episodes + 1, returned_steps + episode.length
                 yield episode
-            for next_future in submit_next():
-                running.add(next_future)
+
+        running = as_completed([future for _ in range(2 * workers) for future in submit_next()])
+        try:
+            for future in running:
+                if stop.is_set():
+                    break
+                yield from episodes_of(future)
+                for next_future in submit_next():
+                    running.add(next_future)
+        except KeyboardInterrupt:
+            # Ctrl-C: the workers (which leave it to us) finish the tasks they are running within
+            # about a task's driving. Their episodes are whole: wait that long for them, so that
+            # an interrupt drops only what was still being driven. A second Ctrl-C drops them too.
+            with contextlib.suppress(TimeoutError):
+                for future in as_completed(list(in_flight), timeout=INTERRUPT_WAIT_S):
+                    yield from episodes_of(future)
+            raise
 
     return episodes
 
