@@ -199,3 +199,52 @@ def test_the_expert_stops_behind_a_car_in_its_lane_where_blind_it_drove_into_it(
     else:
         assert terminated and info["termination"] == "collision"
     env.close()
+
+
+@pytest.mark.parametrize("route", ["racetrack", "racetrack-oval", "racetrack-large"])
+def test_nearest_lane_index_gives_highway_envs_answer(route):
+    """Our nearest-lane query measures fewer lanes; it must name the lane highway-env names, for
+    any position and heading, on and off the road (and with no heading)."""
+    from highway_env.road.road import RoadNetwork
+
+    from pipeline.envs.lanes import NearestLaneIndex
+
+    env = make_env(route)
+    env.reset(seed=0)
+    network = env.unwrapped._sim.road.network  # the env answers its queries with a NearestLaneIndex
+    assert isinstance(network.get_closest_lane_index, NearestLaneIndex)
+    fast = NearestLaneIndex(network)
+    assert len(fast.lanes) >= 18
+    rng = np.random.default_rng(0)
+    lo, hi = fast.lo.min(axis=0) - 30.0, fast.hi.max(axis=0) + 30.0
+    on_lanes = [lane.position(rng.uniform(0, lane.length), rng.uniform(-3, 3)) for lane in fast.lanes for _ in range(40)]
+    positions = list(rng.uniform(lo, hi, size=(3000, 2))) + on_lanes
+    for position in positions:
+        for heading in (rng.uniform(-np.pi, np.pi), None):
+            assert fast(position, heading) == RoadNetwork.get_closest_lane_index(network, position, heading)
+    env.close()
+
+
+def test_episodes_are_the_same_with_highway_envs_nearest_lane_query(monkeypatch):
+    from pipeline.envs.lanes import NearestLaneIndex
+
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(120, 2)).astype(np.float32)
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(NearestLaneIndex, "install", staticmethod(lambda network: False))
+        env = make_env("racetrack", traffic=3)
+        obs, _ = env.reset(seed=3)
+        steps = [obs]
+        for action in actions:
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps.append((obs, reward))
+            if terminated or truncated:
+                break
+        runs.append(steps)
+        env.close()
+    assert len(runs[0]) == len(runs[1]) > 10
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
+        np.testing.assert_array_equal(a[0]["vector"], b[0]["vector"])
+        assert a[1] == b[1]
