@@ -9,10 +9,11 @@ once the cluster is up; the cluster's start-up is printed beside it.
 
     python benchmarks/collect_scaling.py [--episodes 200] [--workers 2] [--rounds 2] [--policy expert]
 
-The default workload is ``pipeline collect``'s own default, 200 expert laps (~53k steps: ~30 s in
+The default workload is ``pipeline collect``'s own default, 200 expert laps (~53k steps: ~20-30 s in
 one process). A short collection scales less: the cluster's first tasks carry one episode each
-(their length is not known yet) and the last worker to finish leaves the other idle for up to an
-episode, which weighs ~4% in the ~3 s that 24 laps take with 2 workers (``--episodes 24``).
+(their length is not known yet), the last worker to finish leaves the other idle for up to an
+episode, and the store's creation and last commit weigh more in a short run (``--episodes 24``,
+~2 s with 2 workers: 1.63 where 200 laps gave 1.83 in the same hour, 2026-12-06).
 
 The machine's own ceiling, in the same rounds: the same episodes driven by ``run_episode`` (what a
 dask worker runs: env, policy, the episode kept in memory) in N plain processes at once against one
