@@ -218,7 +218,7 @@ def test_nearest_lane_index_gives_highway_envs_answer(route):
     rng = np.random.default_rng(0)
     lo, hi = fast.lo.min(axis=0) - 30.0, fast.hi.max(axis=0) + 30.0
     on_lanes = [lane.position(rng.uniform(0, lane.length), rng.uniform(-3, 3)) for lane in fast.lanes for _ in range(40)]
-    positions = list(rng.uniform(lo, hi, size=(3000, 2))) + on_lanes
+    positions = list(rng.uniform(lo, hi, size=(3000, 2))) + on_lanes + [np.array([np.nan, 1.0])]
     for position in positions:
         for heading in (rng.uniform(-np.pi, np.pi), None):
             assert fast(position, heading) == RoadNetwork.get_closest_lane_index(network, position, heading)

@@ -209,7 +209,7 @@ def _episodes_local(config: CollectConfig, seeds, stop: threading.Event):
 #: one embedded worker) and this many episodes: the cluster's own work per task (the scheduler's
 #: transitions, the client's futures, a result fetched) then comes once per batch. Batches of up
 #: to 8 expert laps recorded 3.6% faster with 2 workers than one episode per task, the collector
-#: and its writer taking 0.11 cores of the 2 instead of 0.17 (benchmarks/results/collect_scaling.txt).
+#: and its writer taking 0.12 cores of the 2 instead of 0.17 (benchmarks/results/collect_scaling.txt).
 TASK_STEPS = 2048
 TASK_EPISODES = 64
 #: On Ctrl-C, how long collect waits for the episodes of the dask tasks running (about a task).
@@ -274,7 +274,8 @@ def _episodes_on(client):
             # an interrupt drops only what was still being driven. A second Ctrl-C drops them too.
             with contextlib.suppress(TimeoutError):
                 for future in as_completed(list(in_flight), timeout=INTERRUPT_WAIT_S):
-                    yield from episodes_of(future)
+                    if future.status == "finished":  # a task that failed has nothing to keep
+                        yield from episodes_of(future)
             raise
 
     return episodes

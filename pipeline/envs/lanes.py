@@ -66,7 +66,6 @@ class NearestLaneIndex:
             boxes = [_box(lane) for lane in self.lanes]
             self._boxes[key] = (np.array([lo for lo, _ in boxes]), np.array([hi for _, hi in boxes]))
         self.lo, self.hi = self._boxes[key]
-        self._all_lanes = network.__class__.get_closest_lane_index.__get__(network)
 
     @classmethod
     def install(cls, network: RoadNetwork) -> bool:
@@ -85,8 +84,9 @@ class NearestLaneIndex:
         bound = np.sqrt(dx * dx + dy * dy)
         first = int(np.argmin(bound))
         best = self.lanes[first].distance_with_heading(position, heading)
-        if not np.isfinite(best):  # a position highway-env cannot place: let it answer
-            return self._all_lanes(position, heading)
+        if not np.isfinite(best):  # a position nothing can place: measure every lane, as highway-env does
+            return self.indexes[int(np.argmin([lane.distance_with_heading(position, heading)
+                                               for lane in self.lanes]))]
         near = bound <= best + MARGIN_M
         near[first] = True
         candidates = np.flatnonzero(near)
