@@ -20,6 +20,13 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Column
 
 
+#: Redraws a second. rich redraws on a thread of its own, in Python, holding the GIL the env loop
+#: (or the learner) needs: ~2 ms a redraw of collect's bar. At rich's default of 10 a second that
+#: was ~1.9% of collect's wall time, 0.55-0.64% at 2 (benchmarks/progress_cost.py), and collect's
+#: figures change about once a second anyway (at each commit).
+REFRESH_PER_S = 2
+
+
 def stderr_terminal() -> Console | None:
     """A console on stderr when stderr is a terminal, else None (no bar in logs and pipes)."""
     console = Console(stderr=True)
@@ -59,7 +66,8 @@ class ProgressBar:
             columns.append(TimeRemainingColumn())
         if console is None and stderr:
             console = Console(stderr=True)
-        self._progress = Progress(*columns, console=console, transient=transient)
+        self._progress = Progress(*columns, console=console, transient=transient,
+                                  refresh_per_second=REFRESH_PER_S)
         self._task = self._progress.add_task(label, total=total, completed=done, **(fields or {}))
 
     def __enter__(self) -> "ProgressBar":
