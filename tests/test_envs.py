@@ -248,3 +248,50 @@ def test_episodes_are_the_same_with_highway_envs_nearest_lane_query(monkeypatch)
         np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
         np.testing.assert_array_equal(a[0]["vector"], b[0]["vector"])
         assert a[1] == b[1]
+
+
+def sampled_lap(network, lane_id: int) -> np.ndarray:
+    """The lap's centre line sampled from scratch, as every reset did before it was kept."""
+    points, node = [], "a"
+    for _ in range(len(network.graph)):
+        following = next(iter(network.graph[node]))
+        lane = network.graph[node][following][min(lane_id, len(network.graph[node][following]) - 1)]
+        points.extend(lane.position(s, 0.0) for s in np.arange(0.0, lane.length, 1.0))
+        node = following
+        if node == "a":
+            break
+    return np.asarray(points)
+
+
+@pytest.mark.parametrize("route", ["racetrack", "racetrack-large", "racetrack-oval"])
+def test_the_kept_lap_centre_line_is_the_one_sampled_anew_for_every_lane_and_reset(route):
+    from pipeline.envs import lanes
+
+    env = make_env(route)
+    for seed in range(3):
+        env.reset(seed=seed)
+        network = env.unwrapped._sim.road.network
+        for lane_id in range(4):  # past the roads' lane counts too: the highest lane is taken
+            kept = lanes.lap_centre_line(network, lane_id)
+            assert_bits_equal_arrays(kept, sampled_lap(network, lane_id))
+            assert not kept.flags.writeable  # shared by every reset: nobody may change it
+            assert lanes.lap_centre_line(network, lane_id) is kept  # sampled once
+    env.close()
+
+
+def assert_bits_equal_arrays(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_a_lap_of_lanes_of_another_shape_is_sampled_every_time():
+    from highway_env.road.lane import SineLane, StraightLane
+    from highway_env.road.road import RoadNetwork
+
+    from pipeline.envs import lanes
+
+    network = RoadNetwork()
+    network.add_lane("a", "b", StraightLane([0, 0], [40, 0]))
+    network.add_lane("b", "a", SineLane([40, 0], [0, 0], amplitude=2.0, pulsation=0.3, phase=0.0))
+    first = lanes.lap_centre_line(network, 0)
+    assert_bits_equal_arrays(first, sampled_lap(network, 0))
+    assert lanes.lap_centre_line(network, 0) is not first

@@ -35,7 +35,7 @@ from pipeline.envs.driving import (  # noqa: E402
     driving_reward,
     driving_vector,
 )
-from pipeline.envs.lanes import NearestLaneIndex  # noqa: E402
+from pipeline.envs.lanes import NearestLaneIndex, lap_centre_line  # noqa: E402
 from pipeline.envs.routes import Route  # noqa: E402
 from pipeline.envs.spec import ActionSpec, ObsSpec  # noqa: E402
 
@@ -215,18 +215,7 @@ class EmbeddedDrivingEnv(gym.Env):
 
     def _lap_polyline(self) -> np.ndarray:
         """Centre line of the ego's lane for one whole lap, starting where the ego stands."""
-        network = self._sim.road.network
-        lane_id = self._ego.lane_index[2]
-        points, node = [], "a"
-        for _ in range(len(network.graph)):
-            nxt = next(iter(network.graph[node]))
-            lane = network.graph[node][nxt][min(lane_id, len(network.graph[node][nxt]) - 1)]
-            for s in np.arange(0.0, lane.length, 1.0):
-                points.append(lane.position(s, 0.0))
-            node = nxt
-            if node == "a":
-                break
-        points = np.asarray(points)
+        points = lap_centre_line(self._sim.road.network, self._ego.lane_index[2])
         start = int(np.argmin(np.linalg.norm(points - self._ego.position, axis=1)))
         points = np.roll(points, -start, axis=0)
         return np.concatenate([points, points[:1]], axis=0)
