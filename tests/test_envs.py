@@ -225,29 +225,92 @@ def test_nearest_lane_index_gives_highway_envs_answer(route):
     env.close()
 
 
+def driven(seed: int = 3, traffic: int = 3) -> list:
+    """(obs, reward) of every step of one episode driven by fixed random actions."""
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(120, 2)).astype(np.float32)
+    env = make_env("racetrack", traffic=traffic)
+    obs, _ = env.reset(seed=seed)
+    steps = [(obs, None)]
+    for action in actions:
+        obs, reward, terminated, truncated, _ = env.step(action)
+        steps.append((obs, reward))
+        if terminated or truncated:
+            break
+    env.close()
+    return steps
+
+
+def assert_same_episode(run: list, other: list) -> None:
+    assert len(run) == len(other) > 10
+    for (obs, reward), (other_obs, other_reward) in zip(run, other):
+        np.testing.assert_array_equal(obs["image"], other_obs["image"])
+        np.testing.assert_array_equal(obs["vector"], other_obs["vector"])
+        assert reward == other_reward
+
+
 def test_episodes_are_the_same_with_highway_envs_nearest_lane_query(monkeypatch):
     from pipeline.envs.lanes import NearestLaneIndex
 
-    actions = np.random.default_rng(1).uniform(-1, 1, size=(120, 2)).astype(np.float32)
-    runs = []
-    for fast in (True, False):
-        if not fast:
-            monkeypatch.setattr(NearestLaneIndex, "install", staticmethod(lambda network: False))
-        env = make_env("racetrack", traffic=3)
-        obs, _ = env.reset(seed=3)
-        steps = [obs]
-        for action in actions:
-            obs, reward, terminated, truncated, _ = env.step(action)
-            steps.append((obs, reward))
-            if terminated or truncated:
-                break
-        runs.append(steps)
-        env.close()
-    assert len(runs[0]) == len(runs[1]) > 10
-    for a, b in zip(runs[0][1:], runs[1][1:]):
-        np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
-        np.testing.assert_array_equal(a[0]["vector"], b[0]["vector"])
-        assert a[1] == b[1]
+    fast = driven()
+    monkeypatch.setattr(NearestLaneIndex, "install", staticmethod(lambda network: False))
+    assert_same_episode(fast, driven())
+
+
+def test_episodes_are_the_same_with_highway_envs_whole_step(monkeypatch):
+    # we skip the reward, flags and info highway-env's step computes; the simulation must not change
+    from pipeline.envs import embedded
+
+    ours = driven()
+    monkeypatch.setattr(embedded, "_advance", lambda sim, action: sim.step(action))
+    assert_same_episode(ours, driven())
+
+
+def reference_frame(camera, ego, vehicles) -> np.ndarray:
+    """The car-mounted view computed plainly: each sub-pixel's map pixel by 2-D indexing, the
+    vehicles painted, each 2 x 2 block averaged by a reshape (float32 maths as the camera's)."""
+    from pipeline.envs import bev
+    from pipeline.envs.embedded import SUPERSAMPLE
+
+    c, s = np.float32(np.cos(ego.heading)), np.float32(np.sin(ego.heading))
+    x0, y0 = ((np.asarray(ego.position) - camera.origin) * camera.scale).astype(np.float32)
+    x = (x0 + camera._forward_px * c)[:, None] + (-camera._left_px * s)[None, :]
+    y = (y0 + camera._forward_px * s)[:, None] + (camera._left_px * c)[None, :]
+    rows = np.clip(x, 0, camera.map.shape[0] - 1).astype(np.int64)
+    cols = np.clip(y, 0, camera.map.shape[1] - 1).astype(np.int64)
+    view = camera.map.astype(np.uint16)[rows, cols]
+    footprints = [camera._footprint(0.0, 0.0, 0.0, ego.LENGTH, ego.WIDTH)]
+    for vehicle in vehicles:
+        if vehicle is not ego:
+            d = np.asarray(vehicle.position, np.float64) - ego.position
+            fwd, lft = np.cos(ego.heading) * d[0] + np.sin(ego.heading) * d[1], -np.sin(ego.heading) * d[0] + np.cos(ego.heading) * d[1]
+            if max(abs(fwd), abs(lft)) <= bev.VIEW_SIZE_M:
+                footprints.append(camera._footprint(fwd, lft, vehicle.heading - ego.heading, vehicle.LENGTH, vehicle.WIDTH))
+    for footprint in footprints:
+        if footprint is not None:
+            r, k, inside = footprint
+            view[r, k][inside] = bev.VEHICLE
+    n = view.shape[0] // SUPERSAMPLE
+    sums = view.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).sum(axis=(1, 3))
+    return ((sums + SUPERSAMPLE**2 // 2) // SUPERSAMPLE**2).astype(np.uint8)
+
+
+def test_the_camera_draws_what_the_plain_reference_draws_anywhere_with_traffic():
+    env = make_env("racetrack", traffic=4)
+    env.reset(seed=1)
+    sim = env.unwrapped._sim
+    camera, ego = env.unwrapped._camera, sim.vehicle
+    rng = np.random.default_rng(0)
+    extent = np.asarray(camera.map.shape) / camera.scale
+    for _ in range(60):  # on and off the map (edges clamp), any heading, the traffic about
+        ego.position = camera.origin + rng.uniform(-20, extent + 20)
+        ego.heading = rng.uniform(-4, 4)
+        for vehicle in sim.road.vehicles:
+            if vehicle is not ego:
+                vehicle.position = ego.position + rng.uniform(-25, 25, 2)
+        frame = camera.render(ego, sim.road.vehicles)
+        assert frame.dtype == np.uint8 and frame.shape == (84, 84)
+        np.testing.assert_array_equal(frame, reference_frame(camera, ego, sim.road.vehicles))
+    env.close()
 
 
 def sampled_lap(network, lane_id: int) -> np.ndarray:
