@@ -279,12 +279,14 @@ def reference_frame(camera, ego, vehicles) -> np.ndarray:
     cols = np.clip(y, 0, camera.map.shape[1] - 1).astype(np.int64)
     view = camera.map.astype(np.uint16)[rows, cols]
     footprints = [camera._footprint(0.0, 0.0, 0.0, ego.LENGTH, ego.WIDTH)]
+    cos, sin = np.cos(ego.heading), np.sin(ego.heading)
     for vehicle in vehicles:
         if vehicle is not ego:
-            d = np.asarray(vehicle.position, np.float64) - ego.position
-            fwd, lft = np.cos(ego.heading) * d[0] + np.sin(ego.heading) * d[1], -np.sin(ego.heading) * d[0] + np.cos(ego.heading) * d[1]
+            dx, dy = np.asarray(vehicle.position, np.float64) - ego.position
+            fwd, lft = cos * dx + sin * dy, -sin * dx + cos * dy  # its centre in the ego's frame
             if max(abs(fwd), abs(lft)) <= bev.VIEW_SIZE_M:
-                footprints.append(camera._footprint(fwd, lft, vehicle.heading - ego.heading, vehicle.LENGTH, vehicle.WIDTH))
+                heading = vehicle.heading - ego.heading
+                footprints.append(camera._footprint(fwd, lft, heading, vehicle.LENGTH, vehicle.WIDTH))
     for footprint in footprints:
         if footprint is not None:
             r, k, inside = footprint
