@@ -537,7 +537,12 @@ def eval_(checkpoints, policies, routes, episodes, seed, max_steps, traffic, wor
         video=video, trace=trace, camera=camera, simulator=_carla_kwargs(carla_host, carla_port), overwrite=overwrite,
         carla_servers=_servers(carla_servers),
     )
-    report = evaluate(config, progress=not quiet)
+    try:
+        report = evaluate(config, progress=not quiet)
+    except KeyboardInterrupt:
+        # a report holds every episode asked for or none: there is nothing partial to keep
+        click.echo(f"interrupted: no new report in {config.out}; run the same command again", err=True)
+        sys.exit(130)
     if not quiet:
         print_table(report)
     _say_lost_servers(report["server_events"])

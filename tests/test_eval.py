@@ -270,3 +270,23 @@ def test_checkpoints_with_the_same_file_name_keep_distinct_labels():
     short = short_labels(["runs/a/last.pt", "runs/b/last.pt", "expert"])
     assert short == {"runs/a/last.pt": "a/last.pt", "runs/b/last.pt": "b/last.pt", "expert": "expert"}
     assert len(set(short_labels(["x/a/run/last.pt", "y/a/run/last.pt"]).values())) == 2
+
+
+def test_ctrl_c_during_eval_says_in_one_line_that_no_report_was_written(tmp_path):
+    import signal
+
+    from tests.cli_helpers import finish_cli, start_cli
+
+    out = tmp_path / "eval"
+    proc = start_cli("eval", "--policy", "expert", "--episodes", 40, "--out", out, "--quiet")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not out.exists():  # driving from now on
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "eval finished before the signal: " + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = finish_cli(proc)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: no new report in "), stderr
+    assert not (out / "report.json").exists()
