@@ -188,3 +188,87 @@ def test_the_spawn_start_used_off_linux_writes_the_same(tmp_path, monkeypatch):
     assert store.num_episodes == 3 and store.meta["policy"] == "random"
     for i, want in enumerate(episodes):
         assert_episode_equal(store.episode(i), want)
+
+
+@linux_only
+def test_the_last_episodes_handed_over_take_one_commit_and_the_writer_then_exits(tmp_path, monkeypatch):
+    # 64 episodes in 4 messages, all sent by finish(): one commit (~25 ms of store work each,
+    # however few episodes), not one per message; finish() returns on the writer's "closed"
+    commits = tmp_path / "commits"
+    original = EpisodeWriter.commit
+
+    def counted(self):
+        with open(commits, "a") as f:
+            f.write(f"{self._staged_episodes}\n")
+        return original(self)
+
+    monkeypatch.setattr(EpisodeWriter, "commit", counted)  # fork hands it to the writer
+    monkeypatch.setattr(writer_process, "SEND_INTERVAL_S", 30.0)
+    monkeypatch.setattr(writer_process, "MAX_BATCH", 16)
+    url = str(tmp_path / "a.zarr")
+    writer = StoreWriterProcess()
+    writer.open(url, SPEC)
+    for seed in range(64):
+        writer.put(make_episode(seed, 3))
+    writer.finish()
+    assert commits.read_text().split() == ["64"]
+    assert TransitionStore(url).num_episodes == 64
+    writer._process.join(timeout=30)  # nobody waited for its exit, and it exits on its own
+    assert writer._process.exitcode == 0
+
+
+def test_an_open_that_does_not_wait_raises_its_error_from_put_or_finish(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    url = str(blocker / "a.zarr")
+    writer = StoreWriterProcess()
+    writer.open(url, SPEC, wait=False)  # returns before the writer has tried
+    with pytest.raises(StoreError, match="cannot write dataset store at .*a.zarr"):
+        for seed in range(200):  # the error is raised by a put or by finish
+            writer.put(make_episode(seed, 4))
+            time.sleep(0.01)
+        writer.finish()
+    writer.close()
+    assert not os.path.exists(url)
+
+
+@linux_only
+def test_collect_drives_while_its_writer_creates_the_store(tmp_path, monkeypatch):
+    from pipeline.datasets import collect as collect_module
+
+    created = tmp_path / "created"
+    create = EpisodeWriter._create
+
+    def slow_create(self, *args):
+        time.sleep(1.0)  # a slow disk or object store
+        group = create(self, *args)
+        created.write_text(repr(time.monotonic()))
+        return group
+
+    monkeypatch.setattr(EpisodeWriter, "_create", slow_create)  # fork hands it to the writer
+    driven = []
+    run_episode = collect_module.run_episode
+    monkeypatch.setattr(collect_module, "run_episode",
+                        lambda config, seed: driven.append(time.monotonic()) or run_episode(config, seed))
+    summary = collect(CollectConfig(out=str(tmp_path / "c.zarr"), episodes=3, policy="random", max_steps=20),
+                      progress=False)
+    assert summary["episodes_committed"] == 3
+    assert driven[0] < float(created.read_text())  # the first episode did not wait for the store
+    assert TransitionStore(str(tmp_path / "c.zarr")).num_episodes == 3
+
+
+def test_an_existing_out_stops_collect_before_any_episode_is_driven(tmp_path, monkeypatch):
+    from pipeline.datasets import collect as collect_module
+
+    out = str(tmp_path / "c.zarr")
+    EpisodeWriter(out, SPEC).close()
+    monkeypatch.setattr(collect_module, "run_episode", lambda *args: pytest.fail("an episode was driven"))
+    with pytest.raises(StoreError, match="already exists; pass --resume"):
+        collect(CollectConfig(out=out, episodes=3, policy="random", max_steps=20), progress=False)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("a mistyped --out")
+    with pytest.raises(StoreError, match="refusing to overwrite .* not a zarr store"):
+        collect(CollectConfig(out=str(plain), episodes=3, policy="random", max_steps=20, mode="overwrite"),
+                progress=False)
+    assert (plain / "notes.txt").exists()

@@ -381,11 +381,19 @@ def _check_simulator(config: CollectConfig, route, servers: list[tuple[str, int]
 
 def _record(config: CollectConfig, route, spec, source, progress: bool, writer: StoreWriterProcess) -> dict:
     """Drive ``source``'s episodes into the store through ``writer``; the summary dict."""
+    from pipeline.datasets.store import check_destination
     from pipeline.envs.driving import RewardConfig
     from pipeline.envs.spec import ActionSpec
 
+    # A new store is created by the writer while the first episodes are driven (~30-60 ms saved
+    # per call); what would refuse it (--out exists, or --overwrite names no zarr store) is checked
+    # here first, so that common mistake stops before any driving. --resume must first know what
+    # the store holds, and a CARLA episode takes minutes: those wait for the store.
+    wait = config.mode == "append" or route.backend == "carla"
+    if not wait:
+        check_destination(config.out, config.mode)
     writer.open(config.out, spec, ActionSpec(), meta=_store_meta(config, route.backend), mode=config.mode,
-                reward=RewardConfig().to_dict())
+                reward=RewardConfig().to_dict(), wait=wait)
     seeds = _pending_seeds(config, writer)
     stats = {"steps": 0, "returns": [], "completions": [], "terminations": {}, "return_sum": 0.0}
     started = time.perf_counter()

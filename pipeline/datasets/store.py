@@ -55,7 +55,6 @@ import posixpath
 import uuid
 from datetime import datetime, timezone
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
@@ -620,6 +619,20 @@ def interrupted_creation(url: str, storage_options: dict | None = None) -> bool:
             and names <= {"zarr.json", "episodes", *DATA_ARRAYS})
 
 
+def check_destination(url: str, mode: str, storage_options: dict | None = None) -> bool:
+    """Whether something is at ``url``; raises the :class:`StoreError` an :class:`EpisodeWriter`
+    opened there with ``mode`` would: ``"create"`` refuses anything that exists, ``"overwrite"``
+    anything that is not a zarr store (a mistyped --out must not wipe an unrelated directory).
+    A collector checks this before driving while its writer creates the store."""
+    fs, path = fs_path(url, storage_options)
+    present = exists(fs, path)
+    if mode == "create" and present:
+        raise StoreError(f"{url} already exists; pass --resume to continue it or --overwrite to replace it")
+    if mode == "overwrite" and present and not has_zarr_metadata(fs, path):
+        raise StoreError(f"refusing to overwrite {url}: it exists and is not a zarr store")
+    return present
+
+
 def remove_store(url: str, storage_options: dict | None = None) -> None:
     """Delete the zarr store at ``url`` (nothing happens where there is none)."""
     fs, path = fs_path(url, storage_options)
@@ -685,14 +698,9 @@ class EpisodeWriter:
         self.reward = _json_meta(reward) if reward is not None else None
         meta = _json_meta(meta)
         fs, path = fs_path(self.url, storage_options)
-        present = exists(fs, path)
-        if mode == "create" and present:
-            raise StoreError(
-                f"{self.url} already exists; "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
+        present = check_destination(self.url, mode, storage_options)
         if mode == "overwrite" and present:
-            self._delete(fs, path)
+            remove_store(self.url, storage_options)
             present = False
         elif mode == "append" and present and interrupted_creation(self.url, storage_options):
             try:  # a creation cut short holds no episode: appending to it starts it again
@@ -718,12 +726,6 @@ class EpisodeWriter:
         self._closed = False
 
     # -- opening
-
-    def _delete(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        # Only ever delete a zarr store: a mistyped --out must not wipe an unrelated directory.
-        if not has_zarr_metadata(fs, path):
-            raise StoreError(f"refusing to overwrite {self.url}: it exists and is not a zarr store")
-        remove_store(self.url, self.storage_options)
 
     def _create(self, meta: dict, sources: list[dict]) -> zarr.Group:
         s, d, a = self.obs_spec.image_size, self.obs_spec.vector_dim, self.action_spec.dim

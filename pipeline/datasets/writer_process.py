@@ -55,8 +55,12 @@ from pipeline.envs.spec import ActionSpec, ObsSpec
 from pipeline.errors import PipelineError, StoreError
 
 EPISODE_ARRAYS = ("frames", "vector", "action", "reward", "terminated", "truncated", "expert_action")
-MAX_BATCH = 64  # episodes in one commit, and in one message
+MAX_BATCH = 64  # episodes in one message
 COMMIT_INTERVAL_S = 1.0  # episodes finishing this close together share a commit
+# Episodes in one commit at most. The interval decides, not a count: a commit costs ~25 ms of
+# store work however few episodes it holds (16 arrays' last chunks and the attrs), and the last
+# episodes of a collection, handed over together, take one commit instead of one per message.
+MAX_STAGED = 4096
 SEND_INTERVAL_S = 0.25  # the sender looks for finished episodes this often
 IN_FLIGHT = 64  # episodes waiting on each side of the pipe; put() waits beyond that (back-pressure)
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: a message of ~0.25 s of driving in 1-4 writes
@@ -224,14 +228,14 @@ def _serve(episodes_conn, replies_conn, parent_ends) -> None:
         staged, deadline = 0, None
         while True:
             wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            episodes, end = _arrivals(inbox, wait, MAX_BATCH - staged)
+            episodes, end = _arrivals(inbox, wait, MAX_STAGED - staged)
             if end is _LOST:
                 os._exit(1)  # the collector is gone without saying the end: write nothing more
             if episodes:
                 writer.stage(episodes)
                 staged += len(episodes)
                 deadline = deadline or time.monotonic() + COMMIT_INTERVAL_S
-            if staged and (end is _END or staged >= MAX_BATCH or time.monotonic() >= deadline):
+            if staged and (end is _END or staged >= MAX_STAGED or time.monotonic() >= deadline):
                 committed = writer.commit()
                 _send_json(replies_conn, {"op": "committed", "episodes": staged, "committed": committed})
                 staged, deadline = 0, None
@@ -296,23 +300,25 @@ class StoreWriterProcess:
         self._ending = threading.Event()  # finish(): send what is left now, then the end
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._reaper: threading.Thread | None = None  # waits for the writer's exit after "closed"
+        self._ready = False  # the writer has opened the store
+        self._url = ""
 
     def open(self, url: str, obs_spec: ObsSpec, action_spec: ActionSpec = ActionSpec(), meta: dict | None = None,
-             mode: str = "create", reward: dict | None = None) -> None:
+             mode: str = "create", reward: dict | None = None, wait: bool = True) -> None:
         """Open (or create) the store in the writer; its errors are raised here, as they would be by
-        :class:`~pipeline.datasets.store.EpisodeWriter` (one line, same type)."""
+        :class:`~pipeline.datasets.store.EpisodeWriter` (one line, same type).
+
+        ``wait=False`` returns at once: the writer creates the store while the caller drives (a
+        new store takes it ~30-60 ms), episodes put meanwhile wait in the pipe, and an error
+        opening is raised by the next :meth:`put` or by :meth:`finish` instead. For a new store
+        only (``committed_episodes`` stays 0 until the writer is ready)."""
+        self._url = url
         self._episodes.send_bytes(_framed({"op": "open", "url": str(url), "obs_spec": obs_spec.to_dict(),
                                            "action_spec": action_spec.to_dict(), "meta": meta, "mode": mode,
                                            "reward": reward}))
-        try:
-            reply = _recv_json(self._replies)
-        except EOFError:
-            raise StoreError(f"the store writer process for {url} ended before opening it "
-                             f"(exit code {self._process.exitcode})") from None
-        if reply["op"] == "error":
-            _raise_from(reply)
-        self.committed_episodes = reply["committed"]
-        self._url = url
+        if wait:
+            self._on_reply(self._next_reply())
         self._threads = [threading.Thread(target=self._send, name="episode-sender", daemon=True),
                          threading.Thread(target=self._receive, name="episode-commits", daemon=True)]
         for thread in self._threads:
@@ -345,10 +351,17 @@ class StoreWriterProcess:
         self._outbox.clear()  # a sender still running finds nothing more to send, and stops
         self._ending.set()
         self._episodes.close()
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        if self._closed.is_set():
+            # The writer closed the store and said so; all it does now is exit, ~10 ms of tearing
+            # down its copy of this process's memory, which nobody needs to wait for.
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._process.join, name="episode-writer-exit", daemon=True)
+                self._reaper.start()
+        else:
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
         for thread in self._threads:  # both end with the process: its pipe ends are closed now
             thread.join(timeout=5)
         self._replies.close()
@@ -376,25 +389,36 @@ class StoreWriterProcess:
             self.error = exc
             self._episodes.close()
 
-    def _receive(self) -> None:
+    def _next_reply(self) -> dict:
+        """The writer's next reply; its error raised here. EOF (the writer died) says what is kept."""
         try:
-            while True:
-                reply = _recv_json(self._replies)
-                if reply["op"] == "error":
-                    _raise_from(reply)
-                if reply["op"] == "committed":
-                    for i in range(reply["episodes"]):
-                        summary = self._uncommitted.popleft()
-                        if self.on_commit is not None:
-                            self.on_commit(summary, reply["committed"] - reply["episodes"] + i + 1)
-                self.committed_episodes = reply["committed"]
-                if reply["op"] == "closed":
-                    self._closed.set()
-                    return
+            reply = _recv_json(self._replies)
         except EOFError:
             self._process.join(timeout=5)
-            self.error = self.error or StoreError(f"the store writer process for {self._url} died (exit code "
-                                    f"{self._process.exitcode}); the {self.committed_episodes} committed "
-                                    f"episodes are intact: continue with --resume")
+            if not self._ready:
+                raise StoreError(f"the store writer process for {self._url} ended before opening it "
+                                 f"(exit code {self._process.exitcode})") from None
+            raise StoreError(f"the store writer process for {self._url} died (exit code "
+                             f"{self._process.exitcode}); the {self.committed_episodes} committed "
+                             f"episodes are intact: continue with --resume") from None
+        if reply["op"] == "error":
+            _raise_from(reply)
+        return reply
+
+    def _on_reply(self, reply: dict) -> None:
+        if reply["op"] == "committed":
+            for i in range(reply["episodes"]):
+                summary = self._uncommitted.popleft()
+                if self.on_commit is not None:
+                    self.on_commit(summary, reply["committed"] - reply["episodes"] + i + 1)
+        self.committed_episodes = reply["committed"]
+        self._ready = True
+        if reply["op"] == "closed":
+            self._closed.set()
+
+    def _receive(self) -> None:
+        try:
+            while not self._closed.is_set():
+                self._on_reply(self._next_reply())
         except BaseException as exc:
             self.error = self.error or exc
