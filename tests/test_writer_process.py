@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.datasets import writer_process
 from pipeline.datasets.collect import CollectConfig, collect
@@ -99,20 +100,24 @@ def test_open_errors_are_the_writers_own(tmp_path):
         writer.open(url, SPEC)
 
 
-@linux_only
-def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
-    # fork hands this wrapper to the writer: it records which process appends
-    pids = tmp_path / "pids"
+def _note_each_commit(monkeypatch, path, note) -> None:
+    """``EpisodeWriter.commit`` appends ``note(writer)`` to ``path`` first, in whichever process
+    commits (fork hands the wrapper to the writer process)."""
     original = EpisodeWriter.commit
 
-    def recording(self):
-        import zarr
-
-        with open(pids, "a") as f:
-            f.write(f"{os.getpid()} {zarr.config.get('threading.max_workers')}\n")
+    def noted(self):
+        with open(path, "a") as f:
+            f.write(f"{note(self)}\n")
         return original(self)
 
-    monkeypatch.setattr(EpisodeWriter, "commit", recording)
+    monkeypatch.setattr(EpisodeWriter, "commit", noted)
+
+
+@linux_only
+def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
+    # it records which process appends
+    pids = tmp_path / "pids"
+    _note_each_commit(monkeypatch, pids, lambda writer: f"{os.getpid()} {zarr.config.get('threading.max_workers')}")
     summary = collect(CollectConfig(out=str(tmp_path / "c.zarr"), episodes=3, policy="random", max_steps=20),
                       progress=False)
     assert summary["episodes_committed"] == 3
@@ -121,8 +126,6 @@ def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
     # the writer compresses on one thread (a pool per core took the env loop's core), and the
     # collector's own zarr config is left alone
     assert {threads for _, threads in appenders} == {"1"}
-    import zarr
-
     assert zarr.config.get("threading.max_workers") != 1
     # the env loop's own time excludes creating the store and the last commit
     assert 0 < summary["driving_s"] < summary["steps"] / summary["steps_per_s"]
@@ -195,14 +198,7 @@ def test_the_last_episodes_handed_over_take_one_commit_and_the_writer_then_exits
     # 64 episodes in 4 messages, all sent by finish(): one commit (~25 ms of store work each,
     # however few episodes), not one per message; finish() returns on the writer's "closed"
     commits = tmp_path / "commits"
-    original = EpisodeWriter.commit
-
-    def counted(self):
-        with open(commits, "a") as f:
-            f.write(f"{self._staged_episodes}\n")
-        return original(self)
-
-    monkeypatch.setattr(EpisodeWriter, "commit", counted)  # fork hands it to the writer
+    _note_each_commit(monkeypatch, commits, lambda writer: writer._staged_episodes)
     monkeypatch.setattr(writer_process, "SEND_INTERVAL_S", 30.0)
     monkeypatch.setattr(writer_process, "MAX_BATCH", 16)
     url = str(tmp_path / "a.zarr")
