@@ -200,6 +200,7 @@ def test_the_last_episodes_handed_over_take_one_commit_and_the_writer_then_exits
     commits = tmp_path / "commits"
     _note_each_commit(monkeypatch, commits, lambda writer: writer._staged_episodes)
     monkeypatch.setattr(writer_process, "SEND_INTERVAL_S", 30.0)
+    monkeypatch.setattr(writer_process, "COMMIT_INTERVAL_S", 30.0)  # however slow the machine, the end decides
     monkeypatch.setattr(writer_process, "MAX_BATCH", 16)
     url = str(tmp_path / "a.zarr")
     writer = StoreWriterProcess()
