@@ -17,9 +17,10 @@ figures are printed beside it). ``collect_cpu_vs_raw`` compares the CPU time thi
 loop's) spends per step: raw's over collect's, with the writer process's own CPU left out. It says
 how much store work is left on the env loop, and the machine's noise barely moves it.
 ``driving_vs_raw`` is the env loop's own rate while recording (collect's ``driving_s``: from the
-store being ready to the last episode handed over) over raw's: ``collect_vs_raw`` less the fixed
-costs of creating the store and waiting for the last commit (about 0.1 s in all), which weigh
-3-5% in a run of 2-3 s and nothing in a collection of minutes.
+store being opened, which for a new store the writer creates while the env loop drives, to the last
+episode handed over) over raw's: ``collect_vs_raw`` less the fixed costs of the writer's start and
+of waiting for the last commit and the trim (~50-70 ms in all since 2026-12-07), which weigh 2-5%
+in a run of 1-3 s and nothing in a collection of minutes.
 
 Last line: collect_vs_raw=<ratio> driving_vs_raw=<ratio> collect_cpu_vs_raw=<ratio> bytes_per_transition=<n>
 sb3_layout_ratio=<ratio> raw_vs_old_camera=<ratio> (targets: collect_vs_raw >= 0.97; uint8 bytes

@@ -115,7 +115,7 @@ def _note_each_commit(monkeypatch, path, note) -> None:
 
 @linux_only
 def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
-    # it records which process appends
+    # each commit notes the process that made it and that process's zarr thread count
     pids = tmp_path / "pids"
     _note_each_commit(monkeypatch, pids, lambda writer: f"{os.getpid()} {zarr.config.get('threading.max_workers')}")
     summary = collect(CollectConfig(out=str(tmp_path / "c.zarr"), episodes=3, policy="random", max_steps=20),
@@ -127,7 +127,7 @@ def test_the_store_is_written_by_another_process(tmp_path, monkeypatch):
     # collector's own zarr config is left alone
     assert {threads for _, threads in appenders} == {"1"}
     assert zarr.config.get("threading.max_workers") != 1
-    # the env loop's own time excludes creating the store and the last commit
+    # the env loop's own time excludes the last commit
     assert 0 < summary["driving_s"] < summary["steps"] / summary["steps_per_s"]
 
 

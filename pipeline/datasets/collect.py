@@ -435,8 +435,8 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
         "episodes_requested": config.episodes,
         "steps": stats["steps"],
         "steps_per_s": stats["steps"] / elapsed if elapsed > 0 else 0.0,
-        # the env loop alone: from the store being ready to the last episode handed over (the
-        # store's creation and the last commit left out; benchmarks/collect_throughput.py)
+        # the env loop alone: from the store being opened (a new one is created meanwhile) to the
+        # last episode handed over; the last commit left out (benchmarks/collect_throughput.py)
         "driving_s": driven - started,
         "mean_return": float(np.mean(stats["returns"])) if stats["returns"] else float("nan"),
         "mean_route_completion": float(np.mean(stats["completions"])) if stats["completions"] else float("nan"),
