@@ -12,7 +12,12 @@ the same machine load:
 
 Resident bytes are the stored arrays' nbytes. Needs the ``bench`` extra (stable-baselines3).
 
-    python benchmarks/replay_throughput.py [--episodes 200] [--steps 200] [--batches 200]
+    python benchmarks/replay_throughput.py [--episodes 200] [--steps 200] [--batches 200] [--device cpu]
+
+``--device cuda`` (issue #17's GPU row) delivers every batch on the GPU: ours from pinned host
+frames by its prefetch thread, and, as ``ours_frames_on_device``, with the frames held on the GPU
+(``frames_on_device=True``); SB3 moves each batch there as its ``sample`` does. The clock stops
+after the GPU has finished each side's last batch.
 
 Last line: sample_ratio_vs_sb3=<ours/sb3 samples per s> ram_ratio_vs_sb3=<our bytes / sb3 bytes>
 reservoir_ratio_vs_sb3=<reservoir samples per s / sb3>
@@ -68,11 +73,11 @@ def write_store(url: str, episodes: int, steps: int, spec: ObsSpec) -> None:
             writer.append(episode)
 
 
-def sb3_buffer(episodes: int, steps: int, spec: ObsSpec):
+def sb3_buffer(episodes: int, steps: int, spec: ObsSpec, device: str = "cpu"):
     from stable_baselines3.common.buffers import DictReplayBuffer as SB3DictReplayBuffer
 
     buffer = SB3DictReplayBuffer(
-        episodes * steps, spec.observation_space(), ActionSpec().action_space(), device="cpu", n_envs=1
+        episodes * steps, spec.observation_space(), ActionSpec().action_space(), device=device, n_envs=1
     )
     for ep in synthetic_episodes(episodes, steps, spec):
         for t in range(ep.length):
@@ -102,10 +107,17 @@ def machine() -> str:
 def samples_per_s(sample, batch: int, batches: int) -> float:
     for _ in range(5):  # warm-up: first batches, prefetch queue
         sample(batch)
+    _sync()
     started = time.perf_counter()
     for _ in range(batches):
         sample(batch)
+    _sync()  # batches on a GPU count once they are there
     return batch * batches / (time.perf_counter() - started)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -116,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = ObsSpec()
@@ -132,9 +145,9 @@ def main() -> None:
         n = args.episodes * args.steps
         say(f"store: {args.episodes} episodes x {args.steps} steps = {n} transitions, "
             f"written in {time.perf_counter() - started:.1f} s")
-        sb3, sb3_bytes = sb3_buffer(args.episodes, args.steps, spec)
-        memory = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu")
-        plain = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device="cpu", prefetch=0)
+        sb3, sb3_bytes = sb3_buffer(args.episodes, args.steps, spec, args.device)
+        memory = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device=args.device)
+        plain = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device=args.device, prefetch=0)
         budget = memory.nbytes // 4
         assert memory.offline_source.mode == "memory"
 
@@ -142,7 +155,7 @@ def main() -> None:
 
         def reservoir_rate() -> float:
             # Built and closed per measurement, so its refresh thread takes no CPU from the others.
-            with DictReplayBuffer(url, online_capacity=0, memory_budget=budget, device="cpu") as buffer:
+            with DictReplayBuffer(url, online_capacity=0, memory_budget=budget, device=args.device) as buffer:
                 rate = samples_per_s(buffer.sample, args.batch, args.batches)
                 source = buffer.offline_source
                 reservoir.update(source=source, nbytes=buffer.nbytes, refreshes=reservoir["refreshes"]
@@ -155,6 +168,11 @@ def main() -> None:
             "ours_no_prefetch": lambda: samples_per_s(plain.sample, args.batch, args.batches),
             "reservoir": reservoir_rate,
         }
+        on_device = None
+        if torch.device(args.device).type == "cuda":
+            on_device = DictReplayBuffer(url, online_capacity=0, memory_budget="64GiB", device=args.device,
+                                         frames_on_device=True)
+            contenders["ours_frames_on_device"] = lambda: samples_per_s(on_device.sample, args.batch, args.batches)
         rates: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(args.repeats):  # interleaved: every contender sees the same machine load
             for name, measure in contenders.items():
@@ -177,8 +195,10 @@ def main() -> None:
             f"{floor:.4f} of sb3's bytes")
         memory.close()
         plain.close()
+        if on_device is not None:
+            on_device.close()
 
-    say(f"machine: {machine()}")
+    say(f"machine: {machine()}; batches delivered on {args.device}")
     say(f"sample_ratio_vs_sb3={median['ours'] / median['sb3']:.2f} "
         f"ram_ratio_vs_sb3={memory.nbytes / sb3_bytes:.4f} "
         f"reservoir_ratio_vs_sb3={median['reservoir'] / median['sb3']:.2f}")
