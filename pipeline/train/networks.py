@@ -107,9 +107,12 @@ class Encoder(nn.Module):
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         image = scale_to_unit(obs["image"])
-        pixels = self.head(self.cnn(image))
+        convolved = self.cnn(image)
+        # Under autocast only the convolutions run in bf16: the linear head reads and writes fp32
+        with torch.autocast(convolved.device.type, enabled=False):
+            pixels = self.head(convolved.float())
         vector = (obs["vector"].float() - self.vector_mean) / self.vector_std
-        return torch.cat([pixels.float(), vector], dim=1)
+        return torch.cat([pixels, vector], dim=1)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
