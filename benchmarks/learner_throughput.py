@@ -15,9 +15,9 @@ batch=<B> updates_per_s=<n> sb3_ratio=<ours / SB3 updates per s> replay_wait=<fr
 waiting for data> gflop_s=<achieved: FLOPs of one update (torch's FlopCounterMode) x updates/s>
 sb3_gflop_s=<the same for SB3> flop_ratio=<SB3's FLOPs per update / ours>
 efficiency_ratio=<gflop_s / sb3_gflop_s> bf16_cnn=<whether our CNN ran in bf16>;
-sb3_ratio = flop_ratio x efficiency_ratio. Our CNN runs as ``pipeline train`` runs it: bf16 on CUDA,
-fp32 on CPU; ``--bf16`` measures the CPU opt-in (bf16 where the CPU has AVX512-BF16/AMX),
-``--no-bf16`` fp32 on CUDA.
+sb3_ratio = flop_ratio x efficiency_ratio. Our CNN runs as ``pipeline train`` runs it: its
+convolutions in bf16 where the device has native bf16 (CUDA, a CPU with AVX512-BF16/AMX), else
+fp32; ``--no-bf16`` measures fp32 there.
 
 ``--profile`` also prints torch.profiler's table of one timed stretch of our updates (self CPU/CUDA
 time per op), so a change can be aimed at where the time goes.
@@ -198,7 +198,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="our CNN in bf16 (default: on CUDA only, as pipeline train; --bf16 on CPU: where native)")
+                        help="our CNN's convolutions in bf16 (default as pipeline train: where native; --no-bf16: fp32)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's op table for ours")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

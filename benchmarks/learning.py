@@ -702,9 +702,8 @@ def _num(x, digits: int = 2) -> str:
 
 def cnn_precision(hw: dict, asked: bool | None) -> str:
     """Our CNN's precision in a report: ``asked`` (--bf16/--no-bf16) on hardware ``hw``, resolved
-    as ``TD3Agent`` does (None: bf16 on CUDA only; bf16 needs native support)."""
-    wanted = asked if asked is not None else hw["device"] == "cuda"
-    return "bf16" if wanted and hw["native_bf16"] else "fp32"
+    as ``TD3Agent`` does (None or True: bf16 where the hardware has it natively; False: fp32)."""
+    return "bf16" if asked is not False and hw["native_bf16"] else "fp32"
 
 
 def _seed_range(first: int, count: int) -> str:
@@ -889,7 +888,7 @@ def parse_args(argv=None):
     p.add_argument("--prediction-weight", type=float, default=0.0,
                    help="ours with a trained CNN (not frozen): the self-predictive loss's weight (0: off)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="ours: the CNN in bf16 (default as pipeline train: on CUDA; --bf16 on CPU: where native)")
+                   help="ours: the CNN's convolutions in bf16 (default as pipeline train: where native; --no-bf16: fp32)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="env steps; the budget after warm-up must be whole periods (default: about a 20th of it, "
                         "a multiple of --train-freq that divides it)")
@@ -1041,7 +1040,7 @@ def main(argv=None) -> dict:
         "settings": {s: setting_env(s, args.traffic) for s in dict.fromkeys(p["setting"] for p in args.parts)},
         "learners": {
             "ours": f"pipeline train: TD3Agent defaults (actor/critic lr: the part's, n-step {args.n_step}, DrQ shift, vector normalisation, "
-                    "one shared encoder; channels_last; bf16 CNN on CUDA, on CPU with --bf16 where native)",
+                    "one shared encoder; channels_last; bf16 convolutions where the device has native bf16)",
             "sb3": f"stable_baselines3.TD3('MultiInputPolicy') defaults (lr 1e-3, 1-step, no augmentation, raw "
                    f"vector, separate actor/critic CNNs) with the same batch, gamma, warm-up, train_freq, "
                    f"gradient_steps and N(0, {args.exploration_noise}) action noise; offline start: buffer pre-filled "

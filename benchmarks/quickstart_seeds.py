@@ -2,7 +2,7 @@
 change in benchmarks/results/quickstart-cpu.md was judged by, as one command.
 
     python benchmarks/quickstart_seeds.py --work-dir runs/qs                    # seeds 0-4, 2 at a time
-    python benchmarks/quickstart_seeds.py --work-dir runs/qs --label bf16 --train-arg=--bf16
+    python benchmarks/quickstart_seeds.py --work-dir runs/qs --label fp32 --train-arg=--no-bf16
 
 With the README's own commands (the CPU defaults unless ``--train-arg`` adds options):
 
@@ -173,7 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--label", default="default", help="names the run folders and the outputs")
     p.add_argument("--train-arg", action="append", default=[],
-                   help="one more option for pipeline train, e.g. --train-arg=--bf16 (repeat for more)")
+                   help="one more option for pipeline train, e.g. --train-arg=--no-bf16 (repeat for more)")
     p.add_argument("--note", default="", help="a line for the markdown (machine state, why)")
     p.add_argument("--out", default=None, help="output path without suffix [default: <work-dir>/quickstart-<label>]")
     args = p.parse_args(argv)

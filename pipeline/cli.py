@@ -198,8 +198,8 @@ def _say_lost_servers(events: list[str]) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the networks.")
 @click.option("--bf16/--no-bf16", default=None,
-              help="The CNN in bf16 [default: on CUDA; on CPU fp32, --bf16 takes bf16 where the CPU has "
-                   "AVX512-BF16/AMX: faster, but fewer seeds learned the quick start].")
+              help="The CNN's convolutions in bf16 [default: where the device has native bf16: CUDA, a CPU "
+                   "with AVX512-BF16/AMX; elsewhere fp32]. --no-bf16 keeps fp32.")
 @click.option("--checkpoint-every", type=int, default=10_000, show_default=True)
 @click.option("--eval-every", type=int, default=0, show_default=True,
               help="Evaluate every M updates on the validation seeds and keep the best policy in best.pt; 0 = never.")

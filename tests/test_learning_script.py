@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.errors import PipelineError
+from pipeline.train.td3 import native_bf16
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
 VARIANTS = ("critic", "frozen", "sb3", "sb3-mlp")
@@ -212,7 +214,8 @@ def test_a_cached_run_of_another_precision_or_deployment_is_trained_again(bench,
     and so are the networks evaluations act with and the exploration noise; a cached run that
     differs in any of them is not reused."""
     runs = bench["report"]["runs"]
-    assert {r["job"]["bf16"] for r in runs} == {False}  # CPU, no --bf16: fp32, written as such
+    # CPU, no --bf16: bf16 convolutions where this CPU has native bf16, else fp32, written resolved
+    assert {r["job"]["bf16"] for r in runs} == {native_bf16(torch.device("cpu"))}
     assert {r["job"]["deployed"] for r in runs} == {learning.DEPLOYED_POLICY} == {"averaged"}
     cached = next((bench["work"] / "runs").glob("image-online-critic-seed0-*/result.json"))
     record = json.loads(cached.read_text())
@@ -288,7 +291,8 @@ def test_the_cpu_preset_is_the_issues_comparison(learning):
     # precision is the machine's, like --threads: allowed beside the preset; unset it is pipeline train's
     assert args.bf16 is None and learning.parse_args(["--preset", "cpu", "--bf16"]).bf16 is True
     hw = {"device": "cpu", "native_bf16": True}
-    assert [learning.cnn_precision(hw, asked) for asked in (None, True, False)] == ["fp32", "bf16", "fp32"]
+    assert [learning.cnn_precision(hw, asked) for asked in (None, True, False)] == ["bf16", "bf16", "fp32"]
+    assert learning.cnn_precision({"device": "cpu", "native_bf16": False}, None) == "fp32"
     assert learning.cnn_precision({"device": "cpu", "native_bf16": False}, True) == "fp32"
     assert learning.cnn_precision({"device": "cuda", "native_bf16": True}, None) == "bf16"
     assert args.out.endswith("learning-cpu")

@@ -84,7 +84,7 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"
     compile: bool = False
-    bf16: bool | None = None  # the CNN in bf16 (TD3Config.amp); None: on CUDA only (DEVICE_DEFAULTS)
+    bf16: bool | None = None  # the CNN's convolutions in bf16 (TD3Config.amp); None: DEVICE_DEFAULTS
     seed: int = 0
     checkpoint_every: int = 10_000
     eval_every: int = 0  # 0 disables periodic evaluation
@@ -180,11 +180,12 @@ def check_train_data(config: TrainConfig, store) -> None:
 # Per device type: (gradient updates, batch size) for options left None. CUDA keeps the issue-#9
 # protocol. On CPU an update at batch 256 took 0.3-1.7 s on the 2-core machine (100k updates: 8-46
 # hours); batch 64 and a few thousand updates fit the quick start into minutes (README, Train).
-# bf16 CNN: on CUDA; on CPU opt-in (--bf16) even with native bf16: on the 2-core AMD EPYC with
-# AVX512-BF16 the quick start reached >= 90% on held-out seeds in 2 of 5 training seeds in bf16,
-# 5 of 5 in fp32, at 3,000 updates (benchmarks/results/quickstart-cpu.md, 2026-12-04).
+# bf16 convolutions wherever the device has native bf16 (TD3Agent checks): on a 2-core AMD EPYC with
+# AVX512-BF16 the quick start reached >= 90% on held-out seeds in 5 of 5 training seeds with them,
+# as in fp32, at 3,000 updates, with 1.4-1.5x the updates/s (benchmarks/results/quickstart-cpu.md,
+# 2026-12-07). A CPU without native bf16 runs fp32.
 DEVICE_DEFAULTS = {"cuda": {"steps": 100_000, "batch_size": 256, "bf16": True},
-                   "cpu": {"steps": 3_000, "batch_size": 64, "bf16": False}}
+                   "cpu": {"steps": 3_000, "batch_size": 64, "bf16": True}}
 
 # Options that define what a run learns: a resumed run must keep them (TrainConfig field -> flag).
 LEARNER_OPTIONS = {

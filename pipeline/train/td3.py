@@ -28,11 +28,13 @@ Encoder modes (``TD3Config.encoder_update``):
 - ``"frozen"``: the encoder never receives gradients and never changes; features are computed under
   ``no_grad``. This is the seed's broken baseline, kept for the ablation.
 
-Precision: with ``amp`` only the encoder runs under bf16 autocast; its output, the actor and critic
-heads and the TD target are fp32 (near Q = 20 bf16 resolves 0.125, about one step's reward). By
-default (``amp=None``) that is on CUDA only; ``amp=True`` also takes a CPU with native bf16
-instructions (AVX512-BF16 or AMX; see :func:`native_bf16`), 1.3-1.9x faster updates there but fewer
-training seeds that learn the quick start (benchmarks/results/quickstart-cpu.md, 2026-12-04).
+Precision: with ``amp`` the encoder's convolutions run under bf16 autocast; its linear head, its
+output, the actor and critic heads and the TD target are fp32 (near Q = 20 bf16 resolves 0.125,
+about one step's reward). By default (``amp=None``, as ``amp=True``) that is wherever the device runs
+bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (see :func:`native_bf16`); ``amp=False`` keeps
+fp32. On such a CPU the quick start learned in 5 of 5 training seeds either way, with 1.4-1.5x the
+fp32 updates/s at one thread (benchmarks/results/quickstart-cpu.md, 2026-12-07); with the linear
+head in bf16 too it had learned in 2 of 5 (2026-12-04).
 
 Batch contract (what ``DictReplayBuffer.sample(B)`` returns, a mapping or an object with these
 attributes; tensors on any device):
@@ -95,8 +97,8 @@ class TD3Config:
     hidden: int = 256
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available, else cpu
-    # bf16 autocast of the encoder only. None: on CUDA; True: also on a CPU with native bf16
-    # (native_bf16); False: never. A CPU without native bf16 keeps fp32 whatever is asked.
+    # bf16 autocast of the encoder's convolutions. None or True: where the device has native bf16
+    # (native_bf16: CUDA, AVX512-BF16/AMX CPUs); False: never. Elsewhere fp32 whatever is asked.
     amp: bool | None = None
     channels_last: bool = True  # NHWC images and conv weights: faster oneDNN / cuDNN convolutions
     compile: bool = False  # torch.compile the modules
@@ -127,9 +129,8 @@ def native_bf16(device: torch.device) -> bool:
     Measured on a 2-core AMD EPYC with AVX512-BF16: the Nature CNN's forward + backward at batch
     64 / 256 took 16 / 55 ms in bf16 against 26 / 93 ms in fp32 (benchmarks/results/
     learner_throughput_cpu.txt). A CPU without those instructions emulates bf16, slower than fp32,
-    so there the CNN stays fp32. Speed only: on a CPU bf16 is opt-in (``TD3Config.amp=True``), as
-    it learned the quick start in fewer training seeds. ``torch.cpu._is_*_supported`` are torch's
-    own CPU feature probes; a torch without them counts as no native bf16.
+    so there the CNN stays fp32. ``torch.cpu._is_*_supported`` are torch's own CPU feature probes; a
+    torch without them counts as no native bf16.
     """
     if device.type == "cuda":
         return True
@@ -217,8 +218,7 @@ class TD3Agent:
         self.action_spec = action_spec or ActionSpec()
         self.config = cfg = config or TD3Config()
         self.device = resolve_device(cfg.device)
-        wanted = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
-        self.bf16_cnn = wanted and native_bf16(self.device)  # whether the CNN runs in bf16
+        self.bf16_cnn = cfg.amp is not False and native_bf16(self.device)  # whether the convolutions run in bf16
         # CPU too: 1.11x updates/s at batch 64, 1.07x at 256 (benchmarks/results/learner_throughput_cpu.txt)
         self._channels_last = cfg.channels_last
 
