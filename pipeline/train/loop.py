@@ -182,8 +182,8 @@ def check_train_data(config: TrainConfig, store) -> None:
 # hours); batch 64 and a few thousand updates fit the quick start into minutes (README, Train).
 # bf16 convolutions wherever the device has native bf16 (TD3Agent checks): on a 2-core AMD EPYC with
 # AVX512-BF16 the quick start reached >= 90% on held-out seeds in 5 of 5 training seeds with them,
-# as in fp32, at 3,000 updates, with 1.4-1.5x the updates/s (benchmarks/results/quickstart-cpu.md,
-# 2026-12-07). A CPU without native bf16 runs fp32.
+# as in fp32, at 3,000 updates, with 1.37x the updates/s at one thread
+# (benchmarks/results/quickstart-cpu.md, 2026-12-07). A CPU without native bf16 runs fp32.
 DEVICE_DEFAULTS = {"cuda": {"steps": 100_000, "batch_size": 256, "bf16": True},
                    "cpu": {"steps": 3_000, "batch_size": 64, "bf16": True}}
 

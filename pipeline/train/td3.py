@@ -32,7 +32,7 @@ Precision: with ``amp`` the encoder's convolutions run under bf16 autocast; its 
 output, the actor and critic heads and the TD target are fp32 (near Q = 20 bf16 resolves 0.125,
 about one step's reward). By default (``amp=None``, as ``amp=True``) that is wherever the device runs
 bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (see :func:`native_bf16`); ``amp=False`` keeps
-fp32. On such a CPU the quick start learned in 5 of 5 training seeds either way, with 1.4-1.5x the
+fp32. On such a CPU the quick start learned in 5 of 5 training seeds either way, with 1.37x the
 fp32 updates/s at one thread (benchmarks/results/quickstart-cpu.md, 2026-12-07); with the linear
 head in bf16 too it had learned in 2 of 5 (2026-12-04).
 
