@@ -210,8 +210,11 @@ def test_the_last_episodes_handed_over_take_one_commit_and_the_writer_then_exits
     writer.finish()
     assert commits.read_text().split() == ["64"]
     assert TransitionStore(url).num_episodes == 64
-    writer._process.join(timeout=30)  # nobody waited for its exit, and it exits on its own
-    assert writer._process.exitcode == 0
+    # finish() did not wait for the writer's exit: a thread reaps it. Wait on that thread, not on the
+    # process: two threads reaping one child race (the loser's waitpid finds no child and reads None)
+    assert writer._reaper is not None
+    writer._reaper.join(timeout=30)
+    assert not writer._reaper.is_alive() and writer._process.exitcode == 0
 
 
 def test_an_open_that_does_not_wait_raises_its_error_from_put_or_finish(tmp_path):
