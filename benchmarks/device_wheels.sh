@@ -7,7 +7,8 @@
 #
 # The image already holds torch, numpy, rich, fsspec, pyyaml, msgpack, pandas, matplotlib,
 # cloudpickle and psutil (../.library/device/KINDS.md); the learner and replay benchmarks import
-# only these besides. The versions are the ones this project's CI installs and tests.
+# only these besides. The versions are the ones this project's CI resolved and passed with on
+# 2026-12-07 (its install pins lower bounds only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download --quiet --dest .device-wheels --no-deps --only-binary=:all: \

@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where batches are delivered")
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = ObsSpec()
