@@ -139,7 +139,13 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
         workers=workers, scheduler=scheduler, mode="append" if resume else "overwrite" if overwrite else "create",
         simulator=_carla_kwargs(carla_host, carla_port), carla_servers=_servers(carla_servers),
     )
-    summary = run_collect(config, progress=not quiet)
+    try:
+        summary = run_collect(config, progress=not quiet)
+    except KeyboardInterrupt:
+        # a second interrupt while the last commit ran, or one after it (a dask cluster closing):
+        # the store holds whole episodes only, and --resume records the rest
+        click.echo("interrupted: committed episodes are kept; continue with --resume", err=True)
+        sys.exit(130)
     click.echo(
         f"{summary['episodes_committed']}/{episodes} episodes in {config.out}: "
         f"{summary['steps']} steps recorded at {summary['steps_per_s']:.0f} steps/s, "

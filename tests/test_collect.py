@@ -98,7 +98,9 @@ def test_a_stop_signal_keeps_every_finished_episode(tmp_path, stop, to_group, wo
     # workers too, which leave it to collect (they printed tracebacks); `kill` and schedulers send
     # SIGTERM, which collect handles as Ctrl-C
     out = tmp_path / "interrupted.zarr"
-    requested = 3000 if workers else 300  # dask workers drive faster, and start later
+    # enough that the signal lands while driving: the first commit comes ~1 s in, and 300 random
+    # episodes had all been driven by then on a fast box (the signal then met the last commit)
+    requested = 3000
     proc = start_cli("collect", "--episodes", requested, "--out", out, "--policy", "random", "--max-steps", 40,
                      "--workers", workers, "--quiet", new_session=to_group)
     deadline = time.time() + 120
@@ -118,9 +120,51 @@ def test_a_stop_signal_keeps_every_finished_episode(tmp_path, stop, to_group, wo
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
-    recorded = int(stdout.split("/")[0])  # "N/300 episodes in ...": what the summary says it kept
+    recorded = int(stdout.split("/")[0])  # "N/3000 episodes in ...": what the summary says it kept
     store = TransitionStore(str(out))
     assert 1 <= store.num_episodes == recorded < requested
+
+
+def test_an_interrupt_during_the_last_commit_still_commits_every_episode(tmp_path, monkeypatch):
+    # Ctrl-C (or SIGTERM) that lands after the last episode, while collect waits for the last
+    # commit: the episodes are finished, so they are kept, and the call says it was interrupted
+    from pipeline.datasets.collect import CollectConfig, collect
+    from pipeline.datasets.writer_process import StoreWriterProcess
+
+    original, calls = StoreWriterProcess.finish, []
+
+    def interrupted_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(StoreWriterProcess, "finish", interrupted_once)
+    out = tmp_path / "a.zarr"
+    try:
+        summary = collect(CollectConfig(out=str(out), episodes=6, policy="random", max_steps=20), progress=False)
+    except KeyboardInterrupt:  # not pytest's to see: it would end the whole session
+        pytest.fail("the interrupt escaped collect, giving up the episodes being committed")
+    assert summary["interrupted"] and len(calls) == 2
+    assert summary["episodes_committed"] == TransitionStore(str(out)).num_episodes == 6
+
+
+def test_an_interrupt_collect_does_not_catch_is_still_the_resume_line(tmp_path, monkeypatch, capsys):
+    # a second Ctrl-C during the last commit, or one while a dask cluster closes, reaches the
+    # command: one line that says what is kept, not click's bare "aborted"
+    import pipeline.datasets.collect
+    from pipeline.cli import main
+
+    def interrupted(config, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.datasets.collect, "collect", interrupted)
+    monkeypatch.setattr(sys, "argv", ["pipeline", "collect", "--episodes", "2", "--out", str(tmp_path / "a.zarr")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["interrupted: committed episodes are kept; continue with --resume"]
 
 
 def test_dask_workers_commit_the_same_episodes(tmp_path):

@@ -424,7 +424,14 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
         finally:
             driven = time.perf_counter()
             # whole episodes already finished are still written: nothing recorded is dropped
-            writer.finish()
+            try:
+                writer.finish()
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM while the last episodes are committed: they still are (the writer
+                # is at it). Giving up here would drop the episodes not yet handed over; a second
+                # interrupt does give up.
+                interrupted = True
+                writer.finish()
 
     elapsed = time.perf_counter() - started
     return {
