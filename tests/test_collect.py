@@ -149,6 +149,32 @@ def test_an_interrupt_during_the_last_commit_still_commits_every_episode(tmp_pat
     assert summary["episodes_committed"] == TransitionStore(str(out)).num_episodes == 6
 
 
+def test_a_second_interrupt_while_the_last_episodes_are_committed_gives_up(tmp_path, monkeypatch):
+    # the first Ctrl-C stops the driving, a second one during the wait for the last commit ends collect
+    from pipeline.datasets import collect as collect_module
+    from pipeline.datasets.collect import CollectConfig, collect
+    from pipeline.datasets.writer_process import StoreWriterProcess
+
+    def interrupted_after_two(config, seeds, stop):
+        for seed in list(seeds)[:2]:
+            yield collect_module.run_episode(config, seed)
+        raise KeyboardInterrupt
+
+    original, calls = StoreWriterProcess.finish, []
+
+    def interrupted_once(self):  # the second Ctrl-C; a retry of the wait would then succeed
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(collect_module, "_episodes_local", interrupted_after_two)
+    monkeypatch.setattr(StoreWriterProcess, "finish", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        collect(CollectConfig(out=str(tmp_path / "a.zarr"), episodes=6, policy="random", max_steps=20), progress=False)
+    assert len(calls) == 1  # not waited for again
+
+
 def test_an_interrupt_collect_does_not_catch_is_still_the_resume_line(tmp_path, monkeypatch, capsys):
     # a second Ctrl-C during the last commit, or one while a dask cluster closes, reaches the
     # command: one line that says what is kept, not click's bare "aborted"

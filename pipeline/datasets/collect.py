@@ -428,8 +428,10 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
                 writer.finish()
             except KeyboardInterrupt:
                 # Ctrl-C or SIGTERM while the last episodes are committed: they still are (the writer
-                # is at it). Giving up here would drop the episodes not yet handed over; a second
-                # interrupt does give up.
+                # is at it); giving up here would drop those not yet handed over. A second interrupt
+                # (this one after one while driving) does give up.
+                if interrupted:
+                    raise
                 interrupted = True
                 writer.finish()
 
