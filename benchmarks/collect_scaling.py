@@ -2,8 +2,8 @@
 
 In one process, alternately (one, two, one, two, ... so that drift in the machine's load hits both
 alike): ``collect`` in this process (``workers=0``: the env loop here, the store's writer process beside it) and
-``collect`` on a local dask cluster of N worker processes (``workers=N``; the episodes come back to
-the same single writer). Each records the same episodes (same policy, seeds and route) into a
+``collect`` on a local dask cluster of N worker processes (``workers=N``; the workers send their
+episodes to the same single writer). Each records the same episodes (same policy, seeds and route) into a
 fresh store. The rate is the store's committed steps over the recording's wall time, which starts
 once the cluster is up; the cluster's start-up is printed beside it.
 

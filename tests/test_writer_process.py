@@ -19,6 +19,7 @@ import zarr
 
 from pipeline.datasets import writer_process
 from pipeline.datasets.collect import CollectConfig, collect
+from pipeline.datasets.remote import verify_store
 from pipeline.datasets.store import EpisodeWriter, TransitionStore
 from pipeline.datasets.writer_process import StoreWriterProcess
 from pipeline.errors import StoreError
@@ -272,3 +273,95 @@ def test_an_existing_out_stops_collect_before_any_episode_is_driven(tmp_path, mo
         collect(CollectConfig(out=str(plain), episodes=3, policy="random", max_steps=20, mode="overwrite"),
                 progress=False)
     assert (plain / "notes.txt").exists()
+
+
+# -- deliveries: local dask workers send episodes to the writer themselves (collect --workers N)
+
+
+def _deliver_from_another_process(address: str, seeds_and_steps: list[tuple[int, int]]) -> "writer_process.Delivered":
+    """What a dask worker does: drive (here: make) episodes and deliver them, from its own process."""
+    def worker(queue):
+        queue.put(writer_process.deliver(address, [make_episode(s, t) for s, t in seeds_and_steps]))
+
+    queue = multiprocessing.get_context("fork").Queue()
+    process = multiprocessing.get_context("fork").Process(target=worker, args=(queue,))
+    process.start()
+    receipt = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert process.exitcode == 0
+    return receipt
+
+
+@linux_only
+def test_workers_deliver_episodes_to_the_writer_and_it_waits_for_them_at_the_end(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    seen = []
+    with StoreWriterProcess(on_commit=lambda ep, n: seen.append((ep.seed, ep.length)), listen=True) as writer:
+        assert writer.address and os.path.exists(writer.address)
+        writer.open(url, SPEC)
+        writer.put(make_episode(0, 5))  # through the collector's pipe, as without workers
+        receipt = _deliver_from_another_process(writer.address, [(1, 7), (2, 0), (3, 30)])
+        assert receipt == writer_process.Delivered(episodes=3, steps=37)
+        writer.put(receipt)
+        writer.finish()
+        assert not os.path.exists(writer.address)  # the socket's folder goes with the writer
+    assert sorted(seen) == [(0, 5), (1, 7), (2, 0), (3, 30)]  # summaries come from the writer
+    store = TransitionStore(url)
+    by_seed = {seed: i for i, seed in enumerate(store.episodes["seed"].tolist())}
+    assert sorted(by_seed) == [0, 1, 2, 3]
+    for seed, steps in ((0, 5), (1, 7), (2, 0), (3, 30)):
+        assert_episode_equal(store.episode(by_seed[seed]), make_episode(seed, steps))
+    assert verify_store(url).ok
+
+
+@linux_only
+def test_an_episode_delivered_twice_is_stored_once(tmp_path):
+    # dask runs the task of a worker that died after delivering it again: the same seeds come twice
+    url = str(tmp_path / "a.zarr")
+    with StoreWriterProcess(listen=True) as writer:
+        writer.open(url, SPEC)
+        _deliver_from_another_process(writer.address, [(4, 6), (5, 9)])
+        writer.put(_deliver_from_another_process(writer.address, [(4, 6), (5, 9)]))  # the task's one result
+        writer.finish()
+    assert sorted(TransitionStore(url).episodes["seed"].tolist()) == [4, 5]
+
+
+@linux_only
+def test_a_delivery_cut_off_midway_is_dropped_whole(tmp_path):
+    # a worker killed while sending: its connection ends inside a message
+    import socket
+    import struct
+
+    url = str(tmp_path / "a.zarr")
+    with StoreWriterProcess(listen=True) as writer:
+        writer.open(url, SPEC)
+        message = writer_process.pack_episodes([make_episode(8, 20)])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as cut:
+            cut.connect(writer.address)
+            cut.sendall(struct.pack("!i", len(message)) + message[: len(message) // 2])
+        writer.put(_deliver_from_another_process(writer.address, [(9, 3)]))
+        writer.finish()
+    store = TransitionStore(url)
+    assert store.episodes["seed"].tolist() == [9]
+    assert verify_store(url).ok
+
+
+@linux_only
+def test_a_delivery_reported_but_never_received_is_one_line_that_keeps_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_process, "DELIVERY_WAIT_S", 0.5)  # the forked writer inherits it
+    url = str(tmp_path / "a.zarr")
+    with StoreWriterProcess(listen=True) as writer:
+        writer.open(url, SPEC)
+        writer.put(make_episode(0, 5))
+        writer.put(writer_process.Delivered(episodes=2, steps=10))  # nothing was sent
+        with pytest.raises(StoreError, match="2 episodes that workers reported delivered never reached"):
+            writer.finish()
+    assert TransitionStore(url).episodes["seed"].tolist() == [0]
+
+
+def test_a_writer_that_does_not_listen_refuses_a_delivery_receipt(tmp_path):
+    with StoreWriterProcess() as writer:
+        assert writer.address is None
+        writer.open(str(tmp_path / "a.zarr"), SPEC)
+        with pytest.raises(ValueError, match="does not listen"):
+            writer.put(writer_process.Delivered(episodes=1, steps=1))

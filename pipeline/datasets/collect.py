@@ -2,7 +2,8 @@
 
 The env loop never waits for storage: finished episodes go to the store's one writer, a process of
 its own (:mod:`pipeline.datasets.writer_process`), which appends them in order of completion. With
-``workers`` / ``scheduler`` the episodes run on a dask cluster and come back to the same writer.
+``workers`` / ``scheduler`` the episodes run on a dask cluster and go to the same writer: a local
+cluster's workers send them to it themselves, a remote one's come back through dask.
 A store only ever shows whole, committed episodes, so Ctrl-C or a killed process loses at most the
 episodes in flight, and ``resume`` runs only the episode seeds that are not yet committed.
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder, EpisodeSummary
-from pipeline.datasets.writer_process import StoreWriterProcess
+from pipeline.datasets.writer_process import Delivered, StoreWriterProcess, deliver
 from pipeline.errors import PipelineError
 from pipeline.progress import ProgressBar
 
@@ -221,6 +222,12 @@ def run_episodes(config: CollectConfig, episode_seeds: list[int]) -> list[Episod
     return [run_episode(config, seed) for seed in episode_seeds]
 
 
+def run_episodes_into(writer_address: str, config: CollectConfig, episode_seeds: list[int]) -> Delivered:
+    """:func:`run_episodes`, sent to the store writer at ``writer_address`` by the worker itself:
+    only the receipt comes back through dask."""
+    return deliver(writer_address, run_episodes(config, episode_seeds))
+
+
 def task_size(mean_steps: float | None, left: int, workers: int) -> int:
     """Episodes for the next dask task: about TASK_STEPS steps of episodes of ``mean_steps`` steps
     (one while no episode has come back), at most TASK_EPISODES, and at most a quarter of each
@@ -231,8 +238,11 @@ def task_size(mean_steps: float | None, left: int, workers: int) -> int:
     return max(1, min(TASK_EPISODES, int(TASK_STEPS // max(mean_steps, 1.0)), left // (4 * workers)))
 
 
-def _episodes_on(client):
-    """Episodes run on a dask cluster, yielded as their tasks finish (in any order)."""
+def _episodes_on(client, writer_address: str | None = None):
+    """Episodes run on a dask cluster, yielded as their tasks finish (in any order); with
+    ``writer_address`` (workers on this machine), the workers deliver them to the store writer and
+    the :class:`Delivered` receipts are yielded instead."""
+    run = partial(run_episodes_into, writer_address) if writer_address else run_episodes
 
     def episodes(config: CollectConfig, seeds, stop: threading.Event):
         from dask.distributed import as_completed
@@ -249,14 +259,19 @@ def _episodes_on(client):
             mean_steps = returned_steps / returned_episodes if returned_episodes else None
             batch = list(itertools.islice(pending, task_size(mean_steps, left, workers)))
             left -= len(batch)
-            futures = [client.submit(run_episodes, config, batch, pure=False)] if batch else []
+            futures = [client.submit(run, config, batch, pure=False)] if batch else []
             in_flight.update(futures)
             return futures
 
         def episodes_of(future):
             nonlocal returned_episodes, returned_steps
             in_flight.discard(future)
-            for episode in future.result():
+            result = future.result()
+            if isinstance(result, Delivered):
+                returned_episodes, returned_steps = returned_episodes + result.episodes, returned_steps + result.steps
+                yield result
+                return
+            for episode in result:
                 returned_episodes, returned_steps = returned_episodes + 1, returned_steps + episode.length
                 yield episode
 
@@ -347,7 +362,9 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
     # costs the env loop a copy-on-write fault when it first writes it. It opens the store only in
     # _record, so bad options, a missing checkpoint or an unreachable server or scheduler still fail
     # before a store exists; and it starts before any cluster thread does.
-    with StoreWriterProcess() as writer:
+    # Workers of a local cluster (on this machine) deliver their episodes to the writer themselves.
+    local_cluster = config.workers > 0 and not config.scheduler and not servers
+    with StoreWriterProcess(listen=local_cluster) as writer:
         _check_simulator(config, route, servers)
         workers = local_workers_for(servers, config.workers, config.scheduler)
         if workers or config.scheduler:
@@ -356,7 +373,7 @@ def collect(config: CollectConfig, progress: bool = True) -> dict:
                     # Every worker builds its env and policy now, all at once, as this process built
                     # its own above: the recording's steps/s then count driving, not start-up.
                     client.run(build_env_and_policy, config)
-                source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client)
+                source = _EpisodesOnServers(client, servers) if servers else _episodes_on(client, writer.address)
                 return _record(config, route, spec, source, progress, writer)
         return _record(config, route, spec, _episodes_local, progress, writer)
 
@@ -416,7 +433,7 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
         stop = threading.Event()
         interrupted = False
         try:
-            for episode in source(config, seeds, stop):
+            for episode in source(config, seeds, stop):  # an Episode, or a worker's Delivered receipt
                 writer.put(episode)
         except KeyboardInterrupt:
             interrupted = True
