@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import click
 
@@ -259,7 +260,14 @@ def train(data, data_cache, online_mix, route, steps, batch_size, online_every, 
         vector_fields=vector_fields, traffic=traffic, camera=camera, resume=resume, given=given, simulator=_carla_kwargs(carla_host, carla_port),
         verify=not no_verify,
     )
-    summary = run_train(config, progress=not quiet)
+    try:
+        summary = run_train(config, progress=not quiet)
+    except KeyboardInterrupt:
+        # an interrupt while the run was set up, or a second one while the last checkpoint was written
+        last = Path(config.out) / "last.pt"
+        click.echo(f"interrupted: {last} is the last checkpoint saved; continue with --resume --out {config.out}"
+                   if last.exists() else "interrupted before the first checkpoint; nothing to resume", err=True)
+        sys.exit(130)
     recent = summary["recent_return"]
     click.echo(
         f"{summary['updates']} updates in {summary['out']} ({summary['updates_per_s']:.1f} updates/s), "

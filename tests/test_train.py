@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -326,3 +327,81 @@ def test_progress_bar_moves_on_every_update_with_an_eta_from_the_start():
             task = bar._progress.tasks[0]
             assert task.completed == update  # no waiting for a log step
         assert task.fields["eta"] not in ("", "eta -:--:--")
+
+
+def _interrupt_the_final_save(monkeypatch, times: int) -> list[int]:
+    """The run's save of ``last.pt`` at the end raises KeyboardInterrupt ``times`` times (a Ctrl-C
+    while it writes), then saves; returns the updates of every save of last.pt tried."""
+    from pipeline.train import loop
+
+    original, tried = loop._Run.save, []
+
+    def save(self, path, update):
+        if path.name == "last.pt" and update == self.config.steps:
+            tried.append(update)
+            if len(tried) <= times:
+                raise KeyboardInterrupt
+        return original(self, path, update)
+
+    monkeypatch.setattr(loop._Run, "save", save)
+    return tried
+
+
+def _note_log_closes(monkeypatch) -> list[int]:
+    from pipeline.train import loop
+
+    closed, close = [], loop.MetricsLog.close
+    monkeypatch.setattr(loop.MetricsLog, "close", lambda self: (closed.append(1), close(self))[1])
+    return closed
+
+
+def test_an_interrupt_while_the_last_checkpoint_is_written_still_writes_it(tmp_path, expert_store, monkeypatch):
+    # a Ctrl-C that lands on the final save: the save is what it asks for, so it happens; logs close
+    from pipeline.train.loop import train
+
+    tried, closed = _interrupt_the_final_save(monkeypatch, times=1), _note_log_closes(monkeypatch)
+    run = tmp_path / "run"
+    try:
+        summary = train(_tiny_offline_config(run, expert_store, steps=4), progress=False)
+    except KeyboardInterrupt:  # not pytest's to see: it would end the whole session
+        pytest.fail("the interrupt escaped train, giving up the last checkpoint")
+    assert summary["interrupted"] and tried == [4, 4] and closed == [1]
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["loop"]["update"] == 4
+
+
+def test_a_second_interrupt_during_the_last_checkpoint_gives_up_but_closes_the_logs(tmp_path, expert_store,
+                                                                                    monkeypatch):
+    from pipeline.train.loop import train
+
+    tried, closed = _interrupt_the_final_save(monkeypatch, times=2), _note_log_closes(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_offline_config(tmp_path / "run", expert_store, steps=4), progress=False)
+    assert tried == [4, 4] and closed == [1]  # TensorBoard's events are flushed on close
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["after-a-checkpoint", "before-any"])
+def test_an_interrupt_train_does_not_catch_is_one_line_that_says_what_to_resume(tmp_path, monkeypatch, capsys,
+                                                                                saved):
+    import pipeline.train.loop
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    if saved:
+        run.mkdir()
+        (run / "last.pt").write_bytes(b"a checkpoint")
+
+    def interrupted(config, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train.loop, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["pipeline", "train", "--steps", "2", "--out", str(run)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    if saved:
+        assert lines == [f"interrupted: {run / 'last.pt'} is the last checkpoint saved; continue with --resume "
+                         f"--out {run}"]
+    else:
+        assert lines == ["interrupted before the first checkpoint; nothing to resume"]

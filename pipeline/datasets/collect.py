@@ -28,6 +28,7 @@ from pipeline.cluster import dask_client, local_workers_for, probe_servers
 from pipeline.datasets.episode import Episode, EpisodeRecorder, EpisodeSummary
 from pipeline.datasets.writer_process import Delivered, StoreWriterProcess, deliver
 from pipeline.errors import PipelineError
+from pipeline.interrupts import save_despite_an_interrupt
 from pipeline.progress import ProgressBar
 
 
@@ -440,17 +441,9 @@ def _record(config: CollectConfig, route, spec, source, progress: bool, writer: 
             stop.set()
         finally:
             driven = time.perf_counter()
-            # whole episodes already finished are still written: nothing recorded is dropped
-            try:
-                writer.finish()
-            except KeyboardInterrupt:
-                # Ctrl-C or SIGTERM while the last episodes are committed: they still are (the writer
-                # is at it); giving up here would drop those not yet handed over. A second interrupt
-                # (this one after one while driving) does give up.
-                if interrupted:
-                    raise
-                interrupted = True
-                writer.finish()
+            # whole episodes already finished are still written: nothing recorded is dropped, even
+            # by a Ctrl-C while the writer commits them (giving up would drop those not yet handed over)
+            interrupted = save_despite_an_interrupt(writer.finish, interrupted)
 
     elapsed = time.perf_counter() - started
     return {

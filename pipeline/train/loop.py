@@ -51,6 +51,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.eval.seeds import VALIDATION_SEED
+from pipeline.interrupts import save_despite_an_interrupt
 from pipeline.progress import ProgressBar
 
 if TYPE_CHECKING:  # for annotations only; the functions import them where they are used
@@ -520,10 +521,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        run.save(last, update)
-        replay.close()
-        log.close()
-        run.env.close()
+        try:  # a Ctrl-C while the last checkpoint is written still gets it written, and the logs closed
+            interrupted = save_despite_an_interrupt(lambda: run.save(last, update), interrupted)
+        finally:
+            replay.close()
+            log.close()
+            run.env.close()
     return {
         "out": str(out),
         "updates": update,
