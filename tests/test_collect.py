@@ -232,6 +232,31 @@ def test_local_dask_workers_deliver_their_episodes_to_the_writer_not_through_the
     assert summary["steps"] == sum(item.steps for item in handed_over) == store.num_transitions
 
 
+def test_where_the_writer_cannot_listen_local_workers_send_episodes_through_the_collector(tmp_path, monkeypatch):
+    # a socket path longer than the kernel takes (a deep TMPDIR): collect still works, the old way
+    from pipeline.datasets import writer_process
+    from pipeline.datasets.collect import CollectConfig, collect
+    from pipeline.datasets.writer_process import StoreWriterProcess
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    mkdtemp = writer_process.tempfile.mkdtemp
+    monkeypatch.setattr(writer_process.tempfile, "mkdtemp",  # the writer's folder only (dask makes its own)
+                        lambda *args, prefix=None, **kwargs: str(deep) if prefix == "pipeline-writer-"
+                        else mkdtemp(*args, prefix=prefix, **kwargs))
+    handed_over, put = [], StoreWriterProcess.put
+
+    def noted(self, item):
+        handed_over.append((self.address, type(item).__name__))
+        return put(self, item)
+
+    monkeypatch.setattr(StoreWriterProcess, "put", noted)
+    out = tmp_path / "a.zarr"
+    collect(CollectConfig(out=str(out), episodes=6, policy="random", max_steps=20, workers=2), progress=False)
+    assert handed_over and set(handed_over) == {(None, "Episode")}
+    assert sorted(TransitionStore(str(out)).episodes["seed"].tolist()) == list(range(6))
+
+
 def test_dask_tasks_carry_about_a_second_of_episodes_and_shrink_at_the_end():
     from pipeline.datasets.collect import TASK_EPISODES, TASK_STEPS, task_size
 

@@ -36,9 +36,9 @@ pipe's end) and writes nothing more, so a kill loses at most the episodes in fli
 last ``SEND_INTERVAL_S`` + ``COMMIT_INTERVAL_S``, 1.25 s, besides the ones being driven) and a
 following ``--resume`` is the store's only writer. A worker that dies in the middle of a delivery
 leaves a partial message, which the writer drops; if dask then runs its task again, an episode
-delivered twice is stored once (a collection drives each seed once). Ctrl-C reaches the collector alone: the writer
-ignores SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed over before it
-returns.
+delivered twice is stored once (a collection drives each seed once). Ctrl-C reaches the collector
+alone: the writer ignores SIGINT, and :meth:`StoreWriterProcess.finish` commits everything handed
+over before it returns.
 """
 
 from __future__ import annotations
