@@ -292,6 +292,40 @@ def test_ctrl_c_keeps_the_episodes_of_the_dask_tasks_running():
     assert all(len(e.vector) == e.length + 1 for e in kept)  # whole episodes
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the writer listens for workers where it forks")
+def test_ctrl_c_keeps_the_episodes_workers_delivered_for_the_tasks_running(tmp_path):
+    """The same with a local cluster, whose workers deliver to the writer: the receipts of the tasks
+    in flight count, so the writer commits their episodes before it closes."""
+    import threading
+
+    from pipeline.cluster import dask_client
+    from pipeline.datasets.collect import CollectConfig, _episodes_on
+    from pipeline.envs import obs_spec_for
+    from pipeline.datasets.writer_process import Delivered, StoreWriterProcess
+
+    config = CollectConfig(out=str(tmp_path / "a.zarr"), episodes=40, policy="random", max_steps=30)
+    spec = obs_spec_for(config.routes[0], config.vector_fields, config.traffic, config.camera)
+    with StoreWriterProcess(listen=True) as writer, dask_client(1, None) as client:
+        writer.open(config.out, spec)
+        receipts = _episodes_on(client, writer.address)(config, list(range(40)), threading.Event())
+        kept = [next(receipts)]
+        try:  # Ctrl-C while the driver waits in the source
+            kept.append(receipts.throw(KeyboardInterrupt))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C dropped the receipts of the dask tasks in flight")
+        with pytest.raises(KeyboardInterrupt):  # ... which is raised again once they are in
+            while True:
+                kept.append(next(receipts))
+        assert all(isinstance(receipt, Delivered) for receipt in kept)
+        for receipt in kept:
+            writer.put(receipt)
+        writer.finish()
+    store = TransitionStore(config.out)
+    seeds = store.episodes["seed"].tolist()
+    assert len(set(seeds)) == len(seeds) >= sum(receipt.episodes for receipt in kept) >= 2
+    assert store.num_transitions >= sum(receipt.steps for receipt in kept)
+
+
 def test_our_local_cluster_runs_its_workers_without_the_profiler_or_dasks_malloc_trim(monkeypatch):
     """dask's statistical profiler samples each worker every 10 ms under the GIL, and dask's
     MALLOC_TRIM_THRESHOLD_=65536 made an env loop's heap fault back in at every step (a worker drove
