@@ -359,6 +359,20 @@ def test_a_delivery_reported_but_never_received_is_one_line_that_keeps_the_rest(
     assert TransitionStore(url).episodes["seed"].tolist() == [0]
 
 
+def test_a_writer_that_cannot_make_its_socket_folder_still_writes_what_it_is_handed(tmp_path, monkeypatch):
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/tmp")
+
+    monkeypatch.setattr(writer_process.tempfile, "mkdtemp", unwritable)  # no dask here: only the writer asks
+    url = str(tmp_path / "a.zarr")
+    with StoreWriterProcess(listen=True) as writer:
+        assert writer.address is None  # collect then takes the workers' episodes through the collector
+        writer.open(url, SPEC)
+        writer.put(make_episode(0, 5))
+        writer.finish()
+    assert TransitionStore(url).episodes["seed"].tolist() == [0]
+
+
 def test_a_writer_that_does_not_listen_refuses_a_delivery_receipt(tmp_path):
     with StoreWriterProcess() as writer:
         assert writer.address is None

@@ -403,15 +403,7 @@ class StoreWriterProcess:
         # a worker that connects before the writer accepts waits in the backlog, never refused.
         self.address, self._socket_folder, listener = None, None, None
         if listen and context.get_start_method() == "fork":
-            self._socket_folder = tempfile.mkdtemp(prefix="pipeline-writer-")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                listener.bind(os.path.join(self._socket_folder, "episodes.sock"))
-                listener.listen(64)
-                self.address = listener.getsockname()
-            except OSError:  # a path too long for a socket (TMPDIR): episodes come through the collector
-                listener.close()
-                listener = None
+            listener = self._listen()
         child_episodes, self._episodes = context.Pipe(duplex=False)
         _widen(self._episodes)
         self._replies, child_replies = context.Pipe(duplex=False)
@@ -431,6 +423,23 @@ class StoreWriterProcess:
         self._reaper: threading.Thread | None = None  # waits for the writer's exit after "closed"
         self._ready = False  # the writer has opened the store
         self._url = ""
+
+    def _listen(self) -> socket.socket | None:
+        """The writer's socket, bound and listening (``address`` set), or None where it cannot be:
+        a temp folder that cannot be made, or a path too long for a socket (a deep TMPDIR). The
+        workers' episodes then come through the collector, as from a remote cluster."""
+        listener = None
+        try:
+            self._socket_folder = tempfile.mkdtemp(prefix="pipeline-writer-")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.path.join(self._socket_folder, "episodes.sock"))
+            listener.listen(64)
+        except OSError:
+            if listener is not None:
+                listener.close()
+            return None
+        self.address = listener.getsockname()
+        return listener
 
     def open(self, url: str, obs_spec: ObsSpec, action_spec: ActionSpec = ActionSpec(), meta: dict | None = None,
              mode: str = "create", reward: dict | None = None, wait: bool = True) -> None:
