@@ -20,6 +20,9 @@ from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.eval.seeds import VALIDATION_SEED
 
+#: what collect says when interrupted: the store holds whole episodes only, --resume records the rest
+_COLLECT_INTERRUPTED = "interrupted: committed episodes are kept; continue with --resume"
+
 
 def _default_run_name(suffix: str = "") -> str:
     return f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}{suffix}"
@@ -143,9 +146,8 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
     try:
         summary = run_collect(config, progress=not quiet)
     except KeyboardInterrupt:
-        # a second interrupt while the last commit ran, or one after it (a dask cluster closing):
-        # the store holds whole episodes only, and --resume records the rest
-        click.echo("interrupted: committed episodes are kept; continue with --resume", err=True)
+        # a second interrupt while the last commit ran, or one after it (a dask cluster closing)
+        click.echo(_COLLECT_INTERRUPTED, err=True)
         sys.exit(130)
     click.echo(
         f"{summary['episodes_committed']}/{episodes} episodes in {config.out}: "
@@ -156,7 +158,7 @@ def collect(episodes, out, route, policy, noise, seed, traffic, vector_fields, m
     )
     _say_lost_servers(summary["server_events"])
     if summary["interrupted"]:
-        click.echo("interrupted: committed episodes are kept; continue with --resume", err=True)
+        click.echo(_COLLECT_INTERRUPTED, err=True)
         sys.exit(130)
 
 
