@@ -65,53 +65,21 @@ def make_episode(seed: int, steps: int, spec: ObsSpec = SPEC, route: str = "race
     )
 
 
-def record(want: Episode) -> Episode:
-    """``want`` driven through an EpisodeRecorder, as an env loop would hand it the steps."""
+def test_the_recorder_rebuilds_every_observation_of_a_long_episode_and_keeps_no_view_of_them():
     from pipeline.datasets.episode import EpisodeRecorder
 
+    want = make_episode(3, 150)  # past the recorder's first buffer of 64 frames, twice
     recorder = EpisodeRecorder(route=want.route, seed=want.seed)
-    observations = [{"image": want.frames[t : t + 4].copy(), "vector": want.vector[t].copy()}
-                    for t in range(want.length + 1)]
+    observations = [{"image": want.frames[t : t + 4].copy(), "vector": want.vector[t].copy()} for t in range(151)]
     recorder.start(observations[0])
-    for t in range(want.length):
+    for t in range(150):
         recorder.add(want.action[t], want.reward[t], observations[t + 1], want.terminated[t], want.truncated[t])
     for obs in observations:  # an env may reuse its observation arrays
         obs["image"][:] = 0
-    return recorder.finish(want.termination)
-
-
-@pytest.fixture
-def fresh_recorder_sizes(monkeypatch):
-    """EpisodeRecorder as in a new process: its first frames buffer holds 64 frames."""
-    from pipeline.datasets.episode import EpisodeRecorder
-
-    monkeypatch.setattr(EpisodeRecorder, "_start_frames", 64)
-    return EpisodeRecorder
-
-
-def test_the_recorder_rebuilds_every_observation_of_a_long_episode_and_keeps_no_view_of_them(fresh_recorder_sizes):
-    want = make_episode(3, 150)  # past the recorder's first buffer of 64 frames, twice
-    got = record(want)
+    got = recorder.finish(want.termination)
     assert_episode_equal(got, want)
     assert got.frames.flags.c_contiguous
     assert np.isnan(got.expert_action).all() and got.expert_action.shape == (150, 2)
-
-
-def test_the_recorder_sizes_its_buffer_by_the_longest_episode_so_far(fresh_recorder_sizes, monkeypatch):
-    record(make_episode(1, 150))  # 154 frames: the buffer grew from 64 to 256
-    again = make_episode(2, 150)
-    got = record(again)
-    assert_episode_equal(got, again)
-    assert len(got.frames.base) == 154  # started with room for all of them: never grown (copied)
-
-    short = make_episode(3, 5)
-    got = record(short)
-    assert_episode_equal(got, short)
-    assert got.frames.base is None  # copied out: a short episode waiting to be stored holds no long buffer
-
-    monkeypatch.setattr(fresh_recorder_sizes, "MAX_START_FRAMES", 100)
-    record(make_episode(4, 150))
-    assert fresh_recorder_sizes._start_frames == 100  # a very long episode does not size every later one
 
 
 def assert_bits_equal(a, b):

@@ -86,13 +86,6 @@ class EpisodeRecorder:
     >>> episode = rec.finish(termination="route_done")
     """
 
-    #: Frames the next episode's buffer starts with: as many as the longest episode this process
-    #: has recorded needed (at least 64, at most ``MAX_START_FRAMES``). Starting at 64 and doubling,
-    #: an expert lap of ~270 steps grew its buffer three times and copied ~450 frames on the way,
-    #: ~1% of the env loop (benchmarks/results/collect_throughput.txt, 2026-12-07).
-    _start_frames = 64
-    MAX_START_FRAMES = 4096  # 28 MB of 84x84 frames
-
     def __init__(self, route: str = "", seed: int = -1):
         self.route, self.seed = route, seed
         # The frames go into one buffer, grown by doubling, never as views of the observations: a
@@ -109,8 +102,7 @@ class EpisodeRecorder:
 
     def start(self, obs: dict) -> None:
         stack = np.asarray(obs["image"], dtype=np.uint8)
-        size = max(EpisodeRecorder._start_frames, 2 * len(stack))
-        self._frames = np.empty((size, *stack.shape[1:]), np.uint8)
+        self._frames = np.empty((max(64, 2 * len(stack)), *stack.shape[1:]), np.uint8)
         self._frames[: len(stack)] = stack
         self._num_frames = len(stack)
         self._vector = [np.asarray(obs["vector"], dtype=np.float32)]
@@ -140,13 +132,8 @@ class EpisodeRecorder:
         def pairs(rows: list[np.ndarray]) -> np.ndarray:
             return np.stack(rows).reshape(-1, 2) if rows else np.zeros((0, 2), np.float32)
 
-        n = self._num_frames
-        EpisodeRecorder._start_frames = min(max(EpisodeRecorder._start_frames, n), self.MAX_START_FRAMES)
-        # a short episode copies its frames out, so that it does not hold a long buffer while it
-        # waits to be stored (up to 64 episodes do)
-        frames = self._frames[:n] if 2 * n >= len(self._frames) else self._frames[:n].copy()
         return Episode(
-            frames=frames,
+            frames=self._frames[: self._num_frames],
             vector=np.stack(self._vector),
             action=pairs(self._action),
             expert_action=pairs(self._expert_action),
